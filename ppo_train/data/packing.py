@@ -1,0 +1,120 @@
+"""Packers: place units into rows and rows into micro-batches, deterministically under a seed.
+
+- none: micro-batches of `trainer.micro_batch_size` units in a seeded random order; every
+  document is its own row (shared: one row per prompt; paired: one per prompt+response),
+  padded to the longest row rounded up to `packing.pad_multiple`.
+- sorted: like none, but micro-batches hold units of similar length (sorted, longest first),
+  and the micro-batches are visited in a seeded random order.
+- ffd: first-fit-decreasing. Whole units go into rows of `packing.row_tokens` tokens (a
+  fixed shape, so compiled kernels never see a new one); `packing.rows_per_batch` rows
+  per micro-batch, visited in a seeded random order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ppo_train.data.layout import Unit
+
+
+@dataclass(frozen=True)
+class Piece:
+    unit: int  # index into the unit list
+    lo: int  # [lo, hi) token range of the unit
+    hi: int
+
+
+@dataclass
+class MicroBatch:
+    rows: list[list[Piece]]
+    row_length: int
+    units: list[int]  # units in this micro-batch, in response-numbering order
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(p.hi - p.lo for row in self.rows for p in row)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _seeded_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _doc_rows(units: list[Unit], members: list[int]) -> list[list[Piece]]:
+    return [[Piece(u, lo, hi)] for u in members for lo, hi in units[u].doc_bounds]
+
+
+def _unpacked(units: list[Unit], groups: list[list[int]], pad_multiple: int) -> list[MicroBatch]:
+    out = []
+    for members in groups:
+        rows = _doc_rows(units, members)
+        longest = max(p.hi - p.lo for row in rows for p in row)
+        out.append(MicroBatch(rows, round_up(longest, pad_multiple), members))
+    return out
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int, order: np.ndarray) -> list[list[int]]:
+    """Bins of item indices; items visited longest first (ties in `order`), each into the
+    first bin with room. A max segment tree over remaining capacity makes it O(n log n)."""
+    items = sorted(order.tolist(), key=lambda i: -lengths[i])  # stable: ties keep the seeded order
+    size = 1
+    while size < max(1, len(items)):
+        size *= 2
+    tree = np.full(2 * size, capacity, dtype=np.int64)  # remaining room per bin (leaves)
+    bins: list[list[int]] = []
+    for i in items:
+        need = lengths[i]
+        if need > capacity:
+            raise ValueError(f"unit of {need} tokens exceeds the row budget packing.row_tokens={capacity}")
+        node = 1
+        while node < size:  # descend to the leftmost leaf with room
+            node = 2 * node if tree[2 * node] >= need else 2 * node + 1
+        b = node - size
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        tree[node] -= need
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+    return bins
+
+
+def plan_epoch(units: list[Unit], packing, micro_batch_size: int, seed: int, epoch: int) -> list[MicroBatch]:
+    """All micro-batches of one epoch, in the order they are trained."""
+    n = len(units)
+    order = _seeded_order(n, seed, epoch)
+    rng = np.random.default_rng([seed, epoch, 1])
+    if packing.name == "none":
+        groups = [order[i:i + micro_batch_size].tolist() for i in range(0, n, micro_batch_size)]
+        return _unpacked(units, groups, packing.pad_multiple)
+    if packing.name == "sorted":
+        by_length = sorted(order.tolist(), key=lambda u: -units[u].length)
+        groups = [by_length[i:i + micro_batch_size] for i in range(0, n, micro_batch_size)]
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+        return _unpacked(units, groups, packing.pad_multiple)
+    if packing.name == "ffd":
+        bins = first_fit_decreasing([u.length for u in units], packing.row_tokens, order)
+        bins = [bins[i] for i in rng.permutation(len(bins))]
+        out = []
+        for i in range(0, len(bins), packing.rows_per_batch):
+            rows = bins[i:i + packing.rows_per_batch]
+            out.append(MicroBatch([[Piece(u, 0, units[u].length) for u in row] for row in rows],
+                                  packing.row_tokens, [u for row in rows for u in row]))
+        return out
+    raise ValueError(f"packing.name={packing.name!r}: expected none, ffd or sorted")
+
+
+def group_steps(micro_batches: list[MicroBatch], per_step: int) -> list[list[MicroBatch | None]]:
+    """Consecutive groups of `per_step` micro-batches (world size x grad_accum); the last
+    group is filled with None (empty micro-batches that add nothing) so no unit is dropped."""
+    steps = [micro_batches[i:i + per_step] for i in range(0, len(micro_batches), per_step)]
+    if steps and len(steps[-1]) < per_step:
+        steps[-1] = steps[-1] + [None] * (per_step - len(steps[-1]))
+    return steps

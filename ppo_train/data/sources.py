@@ -1,0 +1,195 @@
+"""Load preference rows (local .jsonl/.json/.parquet or a hub dataset) and normalize them.
+
+Every row becomes a `PreferenceExample`: one prompt, N >= 2 responses and the preferred
+pairs among them. Accepted formats (TRL's names):
+
+- preference: `prompt`, `chosen`, `rejected` as strings, or as message lists
+  (`[{"role": ..., "content": ...}]`, the prompt holding the turns before the answer);
+- implicit: `chosen` and `rejected` only, two whole conversations sharing their leading
+  turns. As message lists the shared leading messages are the prompt; as strings
+  (HH-RLHF transcripts) the prompt ends at the last `response_marker` inside the common
+  prefix (the marker stays in the prompt);
+- sharegpt: `conversations` (`from`/`value` turns) plus `chosen` and `rejected` messages
+  (LLaMA-Factory's format), roles mapped human->user, gpt->assistant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from omegaconf import DictConfig
+
+Text = Union[str, list]  # a string, or a list of {"role", "content"} messages
+
+
+class DataError(ValueError):
+    """A bad row or file; the message names the file, the row and the field."""
+
+
+@dataclass
+class PreferenceExample:
+    index: int  # row number in the source (0-based)
+    prompt: Text
+    responses: list[Text]
+    pairs: list[tuple[int, int]]  # (preferred, dispreferred) indices into responses
+    scores: list[float] | None = None
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass
+class LoadReport:
+    source: str
+    rows: int = 0
+    kept: int = 0
+    skipped: int = 0  # invalid rows skipped under dataset.on_invalid=skip
+    skip_messages: list[str] = field(default_factory=list)
+
+
+def load_rows(cfg: DictConfig):
+    """Return a `datasets.Dataset` for dataset.path (a local file or a hub id)."""
+    import datasets
+
+    path = cfg.path
+    local = Path(path).expanduser()
+    if local.suffix in (".jsonl", ".json", ".parquet") or local.exists():
+        if not local.is_file():
+            raise DataError(f"dataset.path={path!r}: file not found; give a .jsonl, .json or .parquet file or a hub dataset id")
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(local.suffix)
+        if kind is None:
+            raise DataError(f"dataset.path={path!r}: unsupported file type {local.suffix!r}; expected .jsonl, .json or .parquet")
+        ds = datasets.load_dataset(kind, data_files=str(local.resolve()), split="train")
+    else:
+        ds = datasets.load_dataset(path, cfg.name, split=cfg.split)
+    if cfg.num_rows is not None:
+        ds = ds.select(range(min(cfg.num_rows, len(ds))))
+    return ds
+
+
+def detect_format(columns: list[str], source: str) -> str:
+    cols = set(columns)
+    if "conversations" in cols and {"chosen", "rejected"} <= cols:
+        return "sharegpt"
+    if {"prompt", "chosen", "rejected"} <= cols:
+        return "preference"
+    if {"chosen", "rejected"} <= cols:
+        return "implicit"
+    raise DataError(
+        f"{source}: cannot tell the format from the columns {sorted(cols)}; expected prompt/chosen/rejected, "
+        "chosen/rejected (implicit prompt) or conversations/chosen/rejected (sharegpt)"
+    )
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "observation": "tool", "function_call": "assistant", "tool": "tool"}
+
+
+def _messages(value: Any, where: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: expected a non-empty list of messages, got {type(value).__name__}")
+    out = []
+    for i, m in enumerate(value):
+        if isinstance(m, dict) and "role" in m and "content" in m:
+            role, content = m["role"], m["content"]
+        elif isinstance(m, dict) and "from" in m and "value" in m:
+            role, content = _SHAREGPT_ROLES.get(m["from"]), m["value"]
+            if role is None:
+                raise DataError(f"{where}[{i}]: unknown role {m['from']!r}; expected one of {sorted(_SHAREGPT_ROLES)}")
+        else:
+            raise DataError(f"{where}[{i}]: expected {{'role', 'content'}} or {{'from', 'value'}}, got {m!r:.80}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}[{i}].content: expected a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _text(value: Any, where: str) -> Text:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: empty text")
+        return value
+    if isinstance(value, dict):  # a single message (LLaMA-Factory chosen/rejected)
+        value = [value]
+    return _messages(value, where)
+
+
+def split_implicit(chosen: Text, rejected: Text, marker: str, where: str) -> tuple[Text, Text, Text]:
+    """Split two whole conversations into (prompt, chosen answer, rejected answer)."""
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise DataError(f"{where}: chosen and rejected must both be strings or both message lists")
+    if isinstance(chosen, list):
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise DataError(f"{where}: chosen and rejected share no leading message, so there is no prompt")
+        if n == len(chosen) or n == len(rejected):
+            raise DataError(f"{where}: chosen and rejected are identical or one is a prefix of the other")
+        prompt, a, b = chosen[:n], chosen[n:], rejected[n:]
+        for name, resp in (("chosen", a), ("rejected", b)):
+            if resp[-1]["role"] != "assistant":
+                raise DataError(f"{where}.{name}: the last message must be an assistant turn, got {resp[-1]['role']!r}")
+        return prompt, a, b
+    common = 0
+    limit = min(len(chosen), len(rejected))
+    while common < limit and chosen[common] == rejected[common]:
+        common += 1
+    cut = chosen.rfind(marker, 0, common)
+    if cut < 0:
+        raise DataError(f"{where}: no {marker!r} in the common prefix of chosen and rejected (dataset.response_marker)")
+    cut += len(marker)
+    prompt, a, b = chosen[:cut], chosen[cut:], rejected[cut:]
+    if not a.strip() or not b.strip():
+        raise DataError(f"{where}: empty chosen or rejected answer after the prompt")
+    return prompt, a, b
+
+
+def normalize_row(row: dict, index: int, fmt: str, cfg: DictConfig, source: str) -> PreferenceExample:
+    where = f"{source} row {index}"
+    for key in {"preference": ("prompt", "chosen", "rejected"), "implicit": ("chosen", "rejected"),
+                "sharegpt": ("conversations", "chosen", "rejected")}[fmt]:
+        if row.get(key) is None:
+            raise DataError(f"{where}: missing field {key!r}")
+    if fmt == "implicit":
+        prompt, chosen, rejected = split_implicit(
+            _text(row["chosen"], f"{where}.chosen"), _text(row["rejected"], f"{where}.rejected"),
+            cfg.response_marker, where)
+    elif fmt == "sharegpt":
+        prompt = _messages(row["conversations"], f"{where}.conversations")
+        chosen = _text(row["chosen"], f"{where}.chosen")
+        rejected = _text(row["rejected"], f"{where}.rejected")
+    else:
+        prompt = _text(row["prompt"], f"{where}.prompt")
+        chosen = _text(row["chosen"], f"{where}.chosen")
+        rejected = _text(row["rejected"], f"{where}.rejected")
+        if isinstance(prompt, str) and isinstance(chosen, list):
+            prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) != isinstance(chosen, list) or isinstance(chosen, list) != isinstance(rejected, list):
+        raise DataError(f"{where}: prompt, chosen and rejected mix strings and message lists")
+    if chosen == rejected:
+        raise DataError(f"{where}: chosen is identical to rejected")
+    return PreferenceExample(index=index, prompt=prompt, responses=[chosen, rejected], pairs=[(0, 1)])
+
+
+def load_examples(cfg: DictConfig) -> tuple[list[PreferenceExample], LoadReport]:
+    ds = load_rows(cfg)
+    source = str(cfg.path)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(ds.column_names, source)
+    report = LoadReport(source=source, rows=len(ds))
+    examples = []
+    for i, row in enumerate(ds):
+        try:
+            examples.append(normalize_row(row, i, fmt, cfg, source))
+        except DataError as err:
+            if cfg.on_invalid != "skip":
+                raise DataError(f"{err} (dataset.on_invalid=skip skips such rows and counts them)") from None
+            report.skipped += 1
+            report.skip_messages.append(str(err))
+    if not examples:
+        raise DataError(f"{source}: no valid rows ({report.rows} rows, {report.skipped} invalid)")
+    report.kept = len(examples)
+    return examples, report

@@ -1,0 +1,113 @@
+"""Tokenize prompt and responses separately, so every response shares the same prefix ids.
+
+Convention (TRL's): the prompt is tokenized with the tokenizer's usual special tokens
+(a BOS where the tokenizer adds one); each response without special tokens, and ends in
+EOS. Conversational rows go through the chat template: the prompt is rendered with
+`add_generation_prompt=True`, a response is what the template adds after that prompt
+when rendering the whole conversation (the rendered prompt must be a prefix of it). A
+template that closes the turn with the EOS token (ChatML's `<|im_end|>`) is not given a
+second EOS. The template renders the prompt with its BOS, so the ids are not given a second one.
+
+Length policy: `truncate` keeps the prompt's last `max_prompt_length` tokens and each
+response's first `max_response_length` tokens; `drop` removes the example. Both are
+counted in the `TokenizeReport`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
+
+from ppo_train.data.sources import DataError, PreferenceExample
+
+
+@dataclass
+class TokenizedExample:
+    index: int  # row number in the source
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    pairs: list[tuple[int, int]]
+    scores: list[float] | None = None
+
+    @property
+    def shared_length(self) -> int:
+        return len(self.prompt_ids) + sum(len(r) for r in self.response_ids)
+
+    @property
+    def paired_length(self) -> int:
+        return len(self.prompt_ids) * len(self.response_ids) + sum(len(r) for r in self.response_ids)
+
+
+@dataclass
+class TokenizeReport:
+    examples: int = 0
+    truncated_prompts: int = 0
+    truncated_responses: int = 0
+    dropped_too_long: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"examples": self.examples, "truncated_prompts": self.truncated_prompts,
+                "truncated_responses": self.truncated_responses, "dropped_too_long": self.dropped_too_long}
+
+
+def _render(tokenizer, example: PreferenceExample) -> tuple[str, list[str], bool]:
+    """Return (prompt text, response texts, prompt_has_specials)."""
+    if not example.conversational:
+        return example.prompt, list(example.responses), False
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"row {example.index}: conversational data needs a chat template, and the tokenizer has none; "
+            "use a chat model's tokenizer (model.tokenizer) or string data")
+    prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    responses = []
+    for k, resp in enumerate(example.responses):
+        full = tokenizer.apply_chat_template(example.prompt + resp, tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError(
+                f"row {example.index} response {k}: the chat template renders the prompt differently inside the "
+                "whole conversation, so the prompt cannot be shared")
+        responses.append(full[len(prompt):])
+    return prompt, responses, True
+
+
+def _response_ids(tokenizer, text: str) -> list[int]:
+    eos_text, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    if eos_text and text.rstrip().endswith(eos_text):
+        text = text.rstrip()  # the template closed the turn with EOS: drop its trailing newline
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids or ids[-1] != eos_id:
+        ids = ids + [eos_id]
+    return ids
+
+
+def tokenize_examples(examples: list[PreferenceExample], tokenizer, cfg: DictConfig) -> tuple[list[TokenizedExample], TokenizeReport]:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; responses must end in EOS (set tokenizer.eos_token)")
+    report = TokenizeReport()
+    out = []
+    for ex in examples:
+        prompt, responses, templated = _render(tokenizer, ex)
+        prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+        response_ids = [_response_ids(tokenizer, r) for r in responses]
+        if not prompt_ids:
+            raise DataError(f"row {ex.index}: the prompt tokenizes to nothing")
+        too_long_prompt = len(prompt_ids) > cfg.max_prompt_length
+        too_long = [len(r) > cfg.max_response_length for r in response_ids]
+        if too_long_prompt or any(too_long):
+            if cfg.length_policy == "drop":
+                report.dropped_too_long += 1
+                continue
+            if too_long_prompt:
+                prompt_ids = prompt_ids[-cfg.max_prompt_length:]
+                report.truncated_prompts += 1
+            report.truncated_responses += sum(too_long)
+            response_ids = [r[: cfg.max_response_length] for r in response_ids]
+        out.append(TokenizedExample(ex.index, prompt_ids, response_ids, list(ex.pairs), ex.scores))
+    report.examples = len(out)
+    if not out:
+        raise DataError(
+            f"no examples left after the length policy ({report.dropped_too_long} dropped as too long); "
+            "raise dataset.max_prompt_length / max_response_length or use dataset.length_policy=truncate")
+    return out, report

@@ -1,0 +1,164 @@
+"""Every DeepSpeed call: distributed init, the generated DeepSpeed config, backward, step, export.
+
+One process on the CPU needs no launcher: RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/
+MASTER_PORT get single-process defaults and the gloo backend is used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(device_setting: str) -> DistInfo:
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:  # one process, no launcher: a free local port
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+            os.environ.setdefault(key, value)
+    use_cuda = device_setting == "cuda" or (device_setting == "auto" and torch.cuda.is_available())
+    if device_setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu (or auto)")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def deepspeed_config(t: DictConfig, world_size: int) -> dict:
+    zero: dict = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True})
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if t.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        # Our micro-batches hold a variable number of pairs; DeepSpeed's batch size is
+        # nominal (1 per micro-batch) and the loss is normalized by train.py itself.
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return fn
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Engine:
+    """A DeepSpeed engine around the policy module, with AdamW and a warmup schedule."""
+
+    def __init__(self, module: torch.nn.Module, t: DictConfig, total_steps: int, dist: DistInfo):
+        import deepspeed
+
+        self.t, self.dist = t, dist
+        self.ds_config = deepspeed_config(t, dist.world_size)
+        warmup = int(round(t.warmup_ratio * total_steps))
+        schedule = lr_lambda(t.schedule, warmup, total_steps)
+        params = [p for p in module.parameters() if p.requires_grad]
+        if t.offload_optimizer:
+            self.ds_config["optimizer"] = {"type": "AdamW", "params": {
+                "lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay}}
+            optimizer = None
+        else:
+            optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                          weight_decay=t.weight_decay)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, model_parameters=params if optimizer is None else None, optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=self.ds_config, dist_init_required=False)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages gradients over ranks; our loss is already normalized by the
+        # global pair count, so undo the average by scaling with the world size.
+        self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        self.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def export(self, out_dir: Path, tokenizer) -> None:
+        """Gather the (possibly ZeRO-3 partitioned) weights and write them with save_pretrained."""
+        model = self.module.model
+        if self.t.zero_stage == 3:
+            full = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+        else:
+            full = self.module.state_dict()
+        if not self.dist.is_main:
+            return
+        prefix = "model."
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)

@@ -1,0 +1,57 @@
+"""Direct Preference Optimization and its common variants.
+
+Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a
+Reward Model". With h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)) over
+summed response log-probs:
+
+- sigmoid (default):  L = -log sigmoid(beta * h)
+- robust (Chowdhury et al. 2024, "Provably Robust DPO"), label smoothing eps:
+      L = ((1 - eps) * -log sigmoid(beta h) + eps * log sigmoid(-beta h)) / (1 - 2 eps)
+- hinge (SLiC, Zhao et al. 2023):  L = relu(1 - beta * h)
+- ipo (Azar et al. 2023, "A General Theoretical Paradigm..."), on per-token *mean*
+  log-probs as TRL computes it:  L = (h_mean - 1 / (2 beta))^2
+
+Implicit rewards (the metrics): r_w = beta (log pi(y_w) - log ref(y_w)), r_l likewise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ppo_train.logps import ResponseLogps
+
+
+def dpo_loss(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tensor, cfg) -> tuple[torch.Tensor, dict]:
+    """pairs (P, 2) -> per-pair loss (P,) and per-pair metric tensors (P,)."""
+    w, l = pairs[:, 0], pairs[:, 1]
+    if cfg.variant == "ipo":
+        pol, ref = policy.means, reference.means
+    else:
+        pol, ref = policy.sums, reference.sums
+    chosen_ratio = pol[w] - ref[w]
+    rejected_ratio = pol[l] - ref[l]
+    h = chosen_ratio - rejected_ratio
+    beta = cfg.beta
+    if cfg.variant == "sigmoid":
+        loss = -F.logsigmoid(beta * h)
+    elif cfg.variant == "robust":
+        eps = cfg.label_smoothing
+        loss = ((1 - eps) * -F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif cfg.variant == "hinge":
+        loss = torch.relu(1 - beta * h)
+    elif cfg.variant == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss.variant={cfg.variant!r}: expected sigmoid, ipo, robust or hinge")
+    rewards_chosen = beta * (policy.sums[w] - reference.sums[w]).detach()
+    rewards_rejected = beta * (policy.sums[l] - reference.sums[l]).detach()
+    metrics = {
+        "rewards/chosen": rewards_chosen,
+        "rewards/rejected": rewards_rejected,
+        "rewards/margins": rewards_chosen - rewards_rejected,
+        "rewards/accuracies": (rewards_chosen > rewards_rejected).float(),
+        "logps/chosen": policy.sums[w].detach(),
+        "logps/rejected": policy.sums[l].detach(),
+    }
+    return loss, metrics

@@ -1,0 +1,49 @@
+"""Simple Preference Optimization: a reference-free, length-normalized DPO.
+
+Meng, Xia and Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free
+Reward". With m_w, m_l the per-token *mean* log-probs of the preferred and dispreferred
+responses under the policy:
+
+    z = beta * (m_w - m_l) - gamma
+    L = -log sigmoid(z)                                  (label_smoothing eps = 0)
+    L = -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z)   (conservative, eps > 0)
+
+gamma is the absolute target margin, subtracted after scaling by beta. Recommended
+defaults: beta = 2.0, gamma = 1.0 (gamma / beta = 0.5). The SimPO repo exposes the ratio
+instead (`gamma_beta_ratio`, it computes beta * (m_w - m_l - gamma_beta_ratio)); TRL's
+CPOTrainer(loss_type="simpo") exposes the absolute margin as `simpo_gamma`, as here.
+The eps form has no 1/(1 - 2 eps) factor (unlike robust DPO): it is the SimPO code's.
+
+Implicit rewards (the metrics): r = beta * m, as the SimPO repo and TRL log them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ppo_train.logps import ResponseLogps
+
+
+def simpo_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: torch.Tensor,
+               cfg) -> tuple[torch.Tensor, dict]:
+    """pairs (P, 2) -> per-pair loss (P,) and per-pair metric tensors (P,). reference is unused."""
+    del reference  # reference-free by construction; the trainer may pass None
+    w, l = pairs[:, 0], pairs[:, 1]
+    beta, gamma = cfg.beta, cfg.gamma
+    eps = getattr(cfg, "label_smoothing", 0.0) or 0.0
+    means = policy.means  # length normalization is what makes SimPO's reward reference-free
+    z = beta * (means[w] - means[l]) - gamma
+    loss = -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps
+    rewards_chosen = beta * means[w].detach()
+    rewards_rejected = beta * means[l].detach()
+    metrics = {
+        "rewards/chosen": rewards_chosen,
+        "rewards/rejected": rewards_rejected,
+        "rewards/margins": rewards_chosen - rewards_rejected,
+        "rewards/accuracies": (rewards_chosen > rewards_rejected).float(),
+        # sums, not means: the same quantity dpo_loss logs, so runs compare on one scale
+        "logps/chosen": policy.sums[w].detach(),
+        "logps/rejected": policy.sums[l].detach(),
+    }
+    return loss, metrics

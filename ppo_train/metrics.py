@@ -1,0 +1,108 @@
+"""Step metrics: accumulate per-pair values over micro-batches, reduce over ranks, write
+metrics.jsonl (rank 0), and show a rich progress bar and a final summary table."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+class StepMetrics:
+    """Sums of per-pair metrics and token counts of one optimizer step (this rank)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.start = time.perf_counter()
+
+    def add_pairs(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        self.sums["loss"] += float(loss.detach().sum())
+        for key, value in metrics.items():
+            self.sums[key] += float(value.detach().sum())
+
+    def add_batch(self, batch) -> None:
+        self.sums["pairs"] += batch.num_pairs
+        self.sums["responses"] += batch.num_responses
+        self.sums["samples"] += len(batch.example_ids)
+        self.sums["tokens"] += batch.shape[0] * batch.shape[1]
+        self.sums["real_tokens"] += batch.real_tokens
+
+    def reduce(self, world_size: int, device) -> dict[str, float]:
+        keys = sorted(self.sums)
+        if world_size > 1:
+            t = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            totals = dict(zip(keys, t.tolist()))
+        else:
+            totals = dict(self.sums)
+        seconds = time.perf_counter() - self.start
+        pairs = max(totals.get("pairs", 0.0), 1.0)
+        row = {k: v / pairs for k, v in totals.items() if k == "loss" or "/" in k}
+        for k in ("pairs", "responses", "samples", "tokens", "real_tokens"):
+            row[k] = int(totals.get(k, 0))
+        row["pad_fraction"] = 1.0 - totals.get("real_tokens", 0) / max(totals.get("tokens", 1), 1)
+        row["samples_per_s"] = totals.get("samples", 0) / seconds
+        row["tokens_per_s"] = totals.get("real_tokens", 0) / seconds
+        row["step_seconds"] = seconds
+        return row
+
+
+class MetricsWriter:
+    """metrics.jsonl, wandb and the progress bar; a no-op on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, progress: bool, wandb_run=None,
+                 append: bool = False):
+        self.enabled, self.wandb = enabled, wandb_run
+        self.history: list[dict] = []
+        self.file = open(run_dir / "metrics.jsonl", "a" if append else "w") if enabled else None
+        self.progress = None
+        if enabled and progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self.task = self.progress.add_task("train", total=total_steps, info="")
+            self.progress.start()
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.history.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["step"])
+        if self.progress is not None:
+            info = (f"loss {row['loss']:.4f}  acc {row.get('rewards/accuracies', float('nan')):.2f}  "
+                    f"margin {row.get('rewards/margins', float('nan')):.3f}  {row['samples_per_s']:.1f} samples/s")
+            self.progress.update(self.task, completed=row["step"], info=info)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def summary_table(history: list[dict], extra: dict[str, object]):
+    """A rich table: first and last step metrics side by side, plus run facts."""
+    from rich.table import Table
+
+    table = Table(title="pptrain summary")
+    table.add_column("metric")
+    table.add_column("first step", justify="right")
+    table.add_column("last step", justify="right")
+    if history:
+        first, last = history[0], history[-1]
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                    "samples_per_s", "tokens_per_s", "pad_fraction"):
+            if key in last:
+                table.add_row(key, f"{first[key]:.4g}", f"{last[key]:.4g}")
+    for key, value in extra.items():
+        table.add_row(key, "", str(value))
+    return table

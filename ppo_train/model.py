@@ -1,0 +1,141 @@
+"""Load the tokenizer and the causal LM, plug our attention in through transformers'
+AttentionInterface, and wrap the model so one forward returns per-response log-probs.
+
+Attention: `sdpa` (transformers' own) receives our dense 4-D boolean mask as is;
+`pptrain_flex` (registered here) runs FlexAttention with our BlockMask, compiled on CUDA.
+A 4-D mask or a BlockMask is used exactly as given by transformers, so it never guesses
+documents from the position ids (which would split a response from its prompt).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ppo_train.logps import ResponseLogps, sum_per_response, token_logps
+
+FLEX = "pptrain_flex"
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query (B, Hq, L, D), key/value (B, Hkv, L, D), attention_mask a BlockMask -> (B, L, Hq, D)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = _compiled_flex() if query.is_cuda else flex_attention
+    out = fn(query, key, value, block_mask=attention_mask, scale=scaling,
+             enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(FLEX, flex_attention_forward)
+
+
+def attn_implementation(backend: str) -> str:
+    return FLEX if backend == "flex" else "sdpa"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def load_tokenizer(cfg: DictConfig):
+    source = cfg.tokenizer or cfg.name_or_path
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        raise ModelLoadError(f"model.tokenizer={source!r}: cannot load a tokenizer from it ({err}); "
+                             "give a local folder with tokenizer files or a hub id") from err
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked out and never scored
+    return tok
+
+
+def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend: str, seed: int,
+                   name_or_path: str | None = None, gguf_file: str | None = None):
+    """A causal LM from a hub id / local folder, or from `from_config` with seeded random weights."""
+    impl = attn_implementation(backend)
+    name_or_path = name_or_path or cfg.name_or_path
+    if name_or_path is None:
+        kwargs = OmegaConf.to_container(cfg.from_config, resolve=True)
+        model_type = kwargs.pop("model_type")
+        kwargs.setdefault("vocab_size", vocab_size)
+        config = AutoConfig.for_model(model_type, **kwargs)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
+        return model
+    local = Path(name_or_path).expanduser()
+    if (name_or_path.startswith(("/", ".", "~")) or local.exists()) and not local.is_dir():
+        raise ModelLoadError(f"model path {name_or_path!r} does not exist; give a folder saved with "
+                             "save_pretrained or a hub id")
+    gguf_file = gguf_file or cfg.gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, gguf_file=gguf_file, revision=cfg.revision, dtype=dtype, attn_implementation=impl,
+            trust_remote_code=cfg.trust_remote_code, use_safetensors=None if gguf_file else True)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}") from err
+    return _plain_copy(model, impl, dtype) if gguf_file else model
+
+
+def _plain_copy(model, impl: str, dtype: torch.dtype):
+    """A GGUF checkpoint loads de-quantized but still flagged as quantized (and so not
+    saveable); rebuild it as an ordinary model with the same weights."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body (returns hidden states) and the output projection."""
+    body = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings()
+    if body is None or head is None:
+        raise ModelLoadError(f"{type(model).__name__}: cannot find its decoder and output head")
+    return body, head
+
+
+class PolicyModule(torch.nn.Module):
+    """Wraps a causal LM: forward(batch tensors, mask) -> per-response log-prob sums and counts.
+
+    Doing the whole computation inside one module's forward keeps DeepSpeed's ZeRO-3
+    parameter gathering (its hooks run around module forwards) in charge of every weight.
+    """
+
+    def __init__(self, model: torch.nn.Module, logits_chunk: int = 1024):
+        super().__init__()
+        self.model = model
+        self.logits_chunk = logits_chunk
+
+    def forward(self, input_ids, position_ids, attention_mask, pred_index, target_ids, target_response,
+                num_responses: int) -> tuple[torch.Tensor, torch.Tensor]:
+        body, head = decoder_and_head(self.model)
+        hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state
+        lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk)
+        out = sum_per_response(lps, target_response, num_responses)
+        if pred_index.numel() == 0 and torch.is_grad_enabled():
+            # an empty micro-batch: keep every weight in the graph (ZeRO-3 expects gradients)
+            anchor = 0.0 * head(hidden[:, :1]).double().sum()
+            return out.sums + anchor, out.counts
+        return out.sums, out.counts
+
+
+def batch_logps(module, batch, mask) -> ResponseLogps:
+    sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.pred_index, batch.target_ids,
+                          batch.target_response, batch.num_responses)
+    return ResponseLogps(sums, counts)

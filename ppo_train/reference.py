@@ -1,0 +1,84 @@
+"""Reference log-probs: computed once before training, with the same layout and mask as
+training, kept in memory and written to the run directory (reused when it matches).
+
+The table is indexed by (unit uid, response k), so any later packing or shuffling of the
+same units finds its values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ppo_train.data.collate import PackedBatch, collate
+from ppo_train.data.layout import Unit
+from ppo_train.data.packing import MicroBatch, group_steps
+from ppo_train.logps import ResponseLogps
+from ppo_train.masks import build_mask
+from ppo_train.model import batch_logps
+
+FILE = "reference_logps.safetensors"
+
+
+class ReferenceTable:
+    def __init__(self, sums: torch.Tensor, counts: torch.Tensor, fingerprint: str):
+        self.sums, self.counts, self.fingerprint = sums, counts, fingerprint  # (U, Kmax)
+
+    def lookup(self, batch: PackedBatch) -> ResponseLogps:
+        u, k = batch.response_unit.cpu(), batch.response_k.cpu()
+        device = batch.input_ids.device
+        return ResponseLogps(self.sums[u, k].to(device), self.counts[u, k].to(device))
+
+    def save(self, run_dir: Path) -> None:
+        tmp = run_dir / (FILE + ".tmp")
+        save_file({"sums": self.sums, "counts": self.counts}, str(tmp), metadata={"fingerprint": self.fingerprint})
+        tmp.rename(run_dir / FILE)
+
+    @classmethod
+    def load(cls, run_dir: Path, fingerprint: str) -> "ReferenceTable | None":
+        path = run_dir / FILE
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != fingerprint:
+                return None
+        tensors = load_file(str(path))
+        return cls(tensors["sums"], tensors["counts"], fingerprint)
+
+
+def fingerprint(units: list[Unit], identity: dict) -> str:
+    """Hash of the reference model's identity and every token of every unit."""
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    for u in units:
+        h.update(u.input_ids.tobytes())
+        h.update(u.resp_len.tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compute_reference(module, units: list[Unit], plan: list[MicroBatch], backend: str, pad_id: int,
+                      device: torch.device, rank: int, world_size: int, fp: str) -> ReferenceTable:
+    """Forward every micro-batch of `plan` once (this rank's share), gather the table on all ranks."""
+    kmax = max(u.num_responses for u in units)
+    sums = torch.zeros(len(units), kmax, dtype=torch.float64)
+    counts = torch.zeros(len(units), kmax, dtype=torch.float64)
+    was_training = module.training
+    module.eval()
+    for group in group_steps(plan, world_size):  # equal forward counts on every rank (ZeRO-3)
+        batch = collate(units, group[rank], pad_id).to(device)
+        mask = build_mask(batch.doc_ids, batch.segment_ids, backend)
+        out = batch_logps(module, batch, mask)
+        u, k = batch.response_unit.cpu(), batch.response_k.cpu()
+        sums[u, k] = out.sums.double().cpu()
+        counts[u, k] = out.counts.double().cpu()
+    module.train(was_training)
+    if world_size > 1:
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(counts)
+    return ReferenceTable(sums, counts, fp)

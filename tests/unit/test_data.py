@@ -1,0 +1,111 @@
+"""Loading and tokenizing: the TRL formats, the shared-prefix convention, the length policy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer
+
+from ppo_train.data.sources import DataError, load_examples, split_implicit
+from ppo_train.data.tokenize import tokenize_examples
+from ppo_train.paths import asset_path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(str(asset_path("smollm2")))
+
+
+def dcfg(path, **kw):
+    base = dict(path=str(path), name=None, split="train", format="auto", response_marker="\n\nAssistant:",
+                num_rows=None, max_prompt_length=4096, max_response_length=4096, length_policy="truncate",
+                on_invalid="error")
+    base.update(kw)
+    return OmegaConf.create(base)
+
+
+def write_jsonl(tmp_path, rows, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_string_preference_convention(tmp_path, tok):
+    """Prompt with the tokenizer's specials, responses without, each ending in EOS; ids are
+    exactly tokenize(prompt) + tokenize(response) + [eos]."""
+    path = write_jsonl(tmp_path, [{"prompt": "What is 2+2?", "chosen": " 4.", "rejected": " 5."}])
+    examples, _ = load_examples(dcfg(path))
+    (ex,), report = tokenize_examples(examples, tok, dcfg(path))
+    assert ex.prompt_ids == tok("What is 2+2?")["input_ids"]
+    assert ex.response_ids[0] == tok(" 4.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ex.response_ids[1][-1] == tok.eos_token_id and ex.pairs == [(0, 1)]
+
+
+def test_conversational_uses_chat_template_and_single_eos(tmp_path, tok):
+    rows = [{"prompt": [{"role": "user", "content": "Hi"}],
+             "chosen": [{"role": "assistant", "content": "Hello!"}],
+             "rejected": [{"role": "assistant", "content": "Go away."}]}]
+    path = write_jsonl(tmp_path, rows)
+    examples, _ = load_examples(dcfg(path))
+    (ex,), _ = tokenize_examples(examples, tok, dcfg(path))
+    prompt_text = tok.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    assert tok.decode(ex.prompt_ids) == prompt_text
+    assert tok.decode(ex.response_ids[0]) == "Hello!<|im_end|>"
+    assert ex.response_ids[0].count(tok.eos_token_id) == 1
+
+
+def test_implicit_prompt_from_messages_and_strings():
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    p, a, b = split_implicit(turns + [{"role": "assistant", "content": "yes"}],
+                             turns + [{"role": "assistant", "content": "no"}], "", "x")
+    assert p == turns and a[0]["content"] == "yes" and b[0]["content"] == "no"
+    p, a, b = split_implicit("\n\nHuman: hi\n\nAssistant: I am fine", "\n\nHuman: hi\n\nAssistant: I am not",
+                             "\n\nAssistant:", "x")
+    assert p == "\n\nHuman: hi\n\nAssistant:" and a == " I am fine" and b == " I am not"
+
+
+def test_hh_rlhf_real_rows(shared_data, tok):
+    path = shared_data / "hh_rlhf" / "harmless_base_test_dev.jsonl"
+    examples, report = load_examples(dcfg(path, num_rows=200, on_invalid="skip", format="implicit"))
+    assert report.rows == 200 and report.kept + report.skipped == 200 and report.kept > 190
+    first = json.loads(path.open().readline())
+    assert examples[0].prompt + examples[0].responses[0] == first["chosen"]
+    assert examples[0].prompt.endswith("\n\nAssistant:")
+
+
+def test_ultrafeedback_and_sharegpt_real_rows(shared_data, tok):
+    uf, _ = load_examples(dcfg(shared_data / "ultrafeedback" / "binarized_sample_train.jsonl", num_rows=20))
+    assert uf[0].conversational is False or isinstance(uf[0].prompt, list)
+    lf, _ = load_examples(dcfg(shared_data / "llamafactory" / "dpo_en_demo.json", num_rows=20))
+    assert lf[0].conversational and lf[0].prompt[-1]["role"] == "user"
+    tokenized, _ = tokenize_examples(lf, tok, dcfg("x"))
+    assert all(t.response_ids[0][-1] == tok.eos_token_id for t in tokenized)
+
+
+def test_length_policy_counts_truncations_and_drops(tmp_path, tok):
+    rows = [{"prompt": "word " * 50, "chosen": " yes " * 40, "rejected": " no"},
+            {"prompt": "short", "chosen": " a", "rejected": " b"}]
+    path = write_jsonl(tmp_path, rows)
+    examples, _ = load_examples(dcfg(path))
+    kept, rep = tokenize_examples(examples, tok, dcfg(path, max_prompt_length=10, max_response_length=8))
+    assert rep.truncated_prompts == 1 and rep.truncated_responses == 1 and rep.dropped_too_long == 0
+    assert len(kept[0].prompt_ids) == 10 and len(kept[0].response_ids[0]) == 8
+    assert kept[0].prompt_ids == tok("word " * 50)["input_ids"][-10:]  # the prompt keeps its end
+    kept, rep = tokenize_examples(examples, tok, dcfg(path, max_prompt_length=10, length_policy="drop"))
+    assert rep.dropped_too_long == 1 and len(kept) == 1
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "identical"),
+    ({"prompt": "p", "chosen": "", "rejected": "x"}, "chosen: empty"),
+    ({"prompt": "p", "chosen": "a"}, "missing field 'rejected'"),
+])
+def test_bad_rows_name_file_row_and_field(tmp_path, row, needle):
+    path = write_jsonl(tmp_path, [{"prompt": "ok", "chosen": "a", "rejected": "b"}, row])
+    with pytest.raises(DataError) as err:
+        load_examples(dcfg(path, format="preference"))
+    assert str(path) in str(err.value) and "row 1" in str(err.value) and needle in str(err.value)
+    examples, report = load_examples(dcfg(path, format="preference", on_invalid="skip"))
+    assert len(examples) == 1 and report.skipped == 1
