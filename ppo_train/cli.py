@@ -76,8 +76,23 @@ def run(cfg: DictConfig) -> None:
     train(cfg, HydraConfig.get().runtime.output_dir)
 
 
+def quiet_libraries() -> None:
+    """Silence start-up noise that says nothing to a user (DeepSpeed's accelerator guess and
+    op-build compiler lines, torch.distributed deprecations raised inside DeepSpeed)."""
+    import logging
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    logging.getLogger("compilers").setLevel(logging.WARNING)
+
+
 def main() -> None:
     sys.argv = [sys.argv[0]] + strip_launcher_args(sys.argv[1:])
+    quiet_libraries()
     register_resolvers()
     register_schemas()
     register_recipes()

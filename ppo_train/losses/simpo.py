@@ -11,7 +11,8 @@ responses under the policy:
 gamma is the absolute target margin, subtracted after scaling by beta. Recommended
 defaults: beta = 2.0, gamma = 1.0 (gamma / beta = 0.5). The SimPO repo exposes the ratio
 instead (`gamma_beta_ratio`, it computes beta * (m_w - m_l - gamma_beta_ratio)); TRL's
-CPOTrainer(loss_type="simpo") exposes the absolute margin as `simpo_gamma`, as here.
+CPOTrainer(loss_type="simpo", cpo_alpha=0) exposes the absolute margin as `simpo_gamma`,
+as here (with cpo_alpha > 0 TRL also adds an NLL term on the chosen response).
 The eps form has no 1/(1 - 2 eps) factor (unlike robust DPO): it is the SimPO code's.
 
 Implicit rewards (the metrics): r = beta * m, as the SimPO repo and TRL log them.
