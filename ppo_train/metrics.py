@@ -97,12 +97,18 @@ def summary_table(history: list[dict], extra: dict[str, object]):
     table.add_column("metric")
     table.add_column("first step", justify="right")
     table.add_column("last step", justify="right")
-    if history:
-        first, last = history[0], history[-1]
-        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+    steps = [row for row in history if "loss" in row]
+    evals = [row for row in history if "eval/loss" in row]
+    if steps:
+        first, last = steps[0], steps[-1]
+        for key in ("loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                     "samples_per_s", "tokens_per_s", "pad_fraction"):
             if key in last:
                 table.add_row(key, f"{first[key]:.4g}", f"{last[key]:.4g}")
+    if evals:
+        for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"):
+            if key in evals[-1]:
+                table.add_row(key, f"{evals[0][key]:.4g}", f"{evals[-1][key]:.4g}")
     for key, value in extra.items():
         table.add_row(key, "", str(value))
     return table

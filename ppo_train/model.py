@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer)
 
 from ppo_train.logps import ResponseLogps, sum_per_response, token_logps
 
@@ -62,18 +63,23 @@ def load_tokenizer(cfg: DictConfig):
 
 
 def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend: str, seed: int,
-                   name_or_path: str | None = None, gguf_file: str | None = None):
-    """A causal LM from a hub id / local folder, or from `from_config` with seeded random weights."""
+                   name_or_path: str | None = None, gguf_file: str | None = None, reward: bool = False,
+                   pad_token_id: int | None = None):
+    """A causal LM (or, with reward=True, a one-label AutoModelForSequenceClassification whose
+    head starts at random) from a hub id / local folder, or from `from_config` with seeded
+    random weights."""
     impl = attn_implementation(backend)
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    extra = {"num_labels": 1, "pad_token_id": pad_token_id} if reward else {}
     name_or_path = name_or_path or cfg.name_or_path
     if name_or_path is None:
         kwargs = OmegaConf.to_container(cfg.from_config, resolve=True)
         model_type = kwargs.pop("model_type")
         kwargs.setdefault("vocab_size", vocab_size)
-        config = AutoConfig.for_model(model_type, **kwargs)
+        config = AutoConfig.for_model(model_type, **kwargs, **extra)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
+            model = auto.from_config(config, attn_implementation=impl, dtype=dtype)
         return model
     local = Path(name_or_path).expanduser()
     if (name_or_path.startswith(("/", ".", "~")) or local.exists()) and not local.is_dir():
@@ -81,21 +87,23 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
                              "save_pretrained or a hub id")
     gguf_file = gguf_file or cfg.gguf_file
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, gguf_file=gguf_file, revision=cfg.revision, dtype=dtype, attn_implementation=impl,
-            trust_remote_code=cfg.trust_remote_code, use_safetensors=None if gguf_file else True)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # a new reward head starts from the same weights on every rank
+            model = auto.from_pretrained(
+                name_or_path, gguf_file=gguf_file, revision=cfg.revision, dtype=dtype, attn_implementation=impl,
+                trust_remote_code=cfg.trust_remote_code, use_safetensors=None if gguf_file else True, **extra)
     except OSError as err:
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}") from err
-    return _plain_copy(model, impl, dtype) if gguf_file else model
+    return _plain_copy(model, auto, impl, dtype) if gguf_file else model
 
 
-def _plain_copy(model, impl: str, dtype: torch.dtype):
+def _plain_copy(model, auto, impl: str, dtype: torch.dtype):
     """A GGUF checkpoint loads de-quantized but still flagged as quantized (and so not
     saveable); rebuild it as an ordinary model with the same weights."""
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=dtype)
+    plain = auto.from_config(config, attn_implementation=impl, dtype=dtype)
     plain.load_state_dict(model.state_dict())
     return plain
 
@@ -135,7 +143,36 @@ class PolicyModule(torch.nn.Module):
         return out.sums, out.counts
 
 
+class RewardModule(torch.nn.Module):
+    """Wraps a one-label sequence classifier: forward -> one scalar per response, read at the
+    response's *last* token (in a shared row that is not the row's last non-pad token, which
+    is where transformers' own pooling would look)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        if not isinstance(getattr(model, "score", None), torch.nn.Module):
+            raise ModelLoadError(f"{type(model).__name__}: no `score` head; reward models need one "
+                                 "(Llama, Qwen2 and Mistral classifiers have it)")
+
+    def forward(self, input_ids, position_ids, attention_mask, last_index, num_responses: int):
+        body = getattr(self.model, self.model.base_model_prefix)
+        hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        rewards = self.model.score(flat.index_select(0, last_index)).squeeze(-1).double()
+        if last_index.numel() == 0 and torch.is_grad_enabled():
+            rewards = rewards + 0.0 * self.model.score(flat[:1]).double().sum()
+        return rewards, torch.ones_like(rewards)
+
+
 def batch_logps(module, batch, mask) -> ResponseLogps:
-    sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.pred_index, batch.target_ids,
-                          batch.target_response, batch.num_responses)
+    """Per-response scores of one batch: log-prob sums and token counts for a PolicyModule,
+    rewards (in `sums`, counts 1) for a RewardModule. `module` may be a DeepSpeed engine."""
+    inner = getattr(module, "module", module)
+    if isinstance(inner, RewardModule):
+        sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.last_index, batch.num_responses)
+    else:
+        sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.pred_index, batch.target_ids,
+                              batch.target_response, batch.num_responses)
     return ResponseLogps(sums, counts)

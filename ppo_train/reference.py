@@ -21,7 +21,8 @@ from ppo_train.logps import ResponseLogps
 from ppo_train.masks import build_mask
 from ppo_train.model import batch_logps
 
-FILE = "reference_logps.safetensors"
+def _file(split: str) -> str:
+    return "reference_logps.safetensors" if split == "train" else f"reference_logps_{split}.safetensors"
 
 
 class ReferenceTable:
@@ -33,14 +34,14 @@ class ReferenceTable:
         device = batch.input_ids.device
         return ResponseLogps(self.sums[u, k].to(device), self.counts[u, k].to(device))
 
-    def save(self, run_dir: Path) -> None:
-        tmp = run_dir / (FILE + ".tmp")
+    def save(self, run_dir: Path, split: str = "train") -> None:
+        tmp = run_dir / (_file(split) + ".tmp")
         save_file({"sums": self.sums, "counts": self.counts}, str(tmp), metadata={"fingerprint": self.fingerprint})
-        tmp.rename(run_dir / FILE)
+        tmp.rename(run_dir / _file(split))
 
     @classmethod
-    def load(cls, run_dir: Path, fingerprint: str) -> "ReferenceTable | None":
-        path = run_dir / FILE
+    def load(cls, run_dir: Path, fingerprint: str, split: str = "train") -> "ReferenceTable | None":
+        path = run_dir / _file(split)
         if not path.is_file():
             return None
         from safetensors import safe_open

@@ -16,10 +16,10 @@ from ppo_train.data.collate import collate
 from ppo_train.data.packing import group_steps, plan_epoch
 from ppo_train.data.pipeline import prepare
 from ppo_train.engine import Engine, dtype_of, init_distributed
-from ppo_train.losses import LOSSES, NEEDS_REFERENCE
+from ppo_train.losses import LOSSES, NEEDS_REFERENCE, REWARD_MODEL
 from ppo_train.masks import build_mask, resolve_backend
 from ppo_train.metrics import MetricsWriter, StepMetrics, summary_table
-from ppo_train.model import PolicyModule, batch_logps, load_causal_lm, load_tokenizer
+from ppo_train.model import PolicyModule, RewardModule, batch_logps, load_causal_lm, load_tokenizer
 from ppo_train.reference import ReferenceTable, compute_reference, fingerprint
 
 
@@ -50,6 +50,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
 
     # data: rows -> units, and the epoch plans (deterministic, identical on every rank)
     tokenizer = load_tokenizer(cfg.model)
+    is_reward = cfg.loss.name in REWARD_MODEL
+    if is_reward and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # the exported classifier pools at the last non-pad token, which must not be EOS
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.bos_token
     data = prepare(cfg, tokenizer)
     units, pad_id = data.units, tokenizer.pad_token_id
     per_step = dist.world_size * t.grad_accum
@@ -57,21 +61,26 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     steps_per_epoch = math.ceil(len(plans[0]) / per_step)
     total_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
 
-    # model, engine, reference log-probs (before the first update)
+    # model, engine, reference scores (before the first update; DPO only)
     backend = resolve_backend(cfg.model.attention, dist.device)
-    dtype = dtype_of(t.precision)
-    model = load_causal_lm(cfg.model, len(tokenizer), dtype, backend, t.seed)
+    model = load_causal_lm(cfg.model, len(tokenizer), dtype_of(t.precision), backend, t.seed,
+                           reward=is_reward, pad_token_id=pad_id)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    engine = Engine(PolicyModule(model, cfg.model.logits_chunk), t, total_steps, dist)
+    module = RewardModule(model) if is_reward else PolicyModule(model, cfg.model.logits_chunk)
+    engine = Engine(module, t, total_steps, dist)
     loss_fn = LOSSES[cfg.loss.name]
-    reference = None
+    reference = eval_reference = None
     if NEEDS_REFERENCE[cfg.loss.name]:
-        reference = _reference(cfg, engine, units, plans[0], backend, pad_id, dist, run_dir, tokenizer)
+        reference = _reference(cfg, engine, units, plans[0], backend, pad_id, dist, run_dir, tokenizer, "train")
+        if data.eval_units:
+            eval_plan = plan_epoch(data.eval_units, cfg.packing, t.micro_batch_size, t.seed, 0)
+            eval_reference = _reference(cfg, engine, data.eval_units, eval_plan, backend, pad_id, dist, run_dir,
+                                        tokenizer, "eval")
 
-    writer = MetricsWriter(run_dir, total_steps, dist.is_main, cfg.logging.progress, _wandb_run(cfg, run_dir)
-                           if dist.is_main else None)
+    writer = MetricsWriter(run_dir, total_steps, dist.is_main, cfg.logging.progress,
+                           _wandb_run(cfg, run_dir) if dist.is_main else None)
     engine.train()
     step, start = 0, time.perf_counter()
     while step < total_steps:
@@ -81,12 +90,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
         for group in group_steps(plans[epoch], per_step)[step % steps_per_epoch:]:
             if step >= total_steps:
                 break
-            # the global pair count of this step, known before any backward
+            # the global pair count of this step (all micro-batches, all ranks), before any backward
             step_pairs = sum(len(units[u].pairs) for mb in group if mb is not None for u in mb.units)
             tracker = StepMetrics()
             for mb in group[dist.rank::dist.world_size]:
                 batch = collate(units, mb, pad_id, cfg.packing.pad_multiple).to(dist.device)
-                mask = build_mask(batch.doc_ids, batch.segment_ids, backend)  # built once per batch
+                mask = build_mask(batch.doc_ids, batch.segment_ids, backend)  # once per batch
                 policy = batch_logps(engine, batch, mask)
                 ref = reference.lookup(batch) if reference is not None else None
                 per_pair, metrics = loss_fn(policy, ref, batch.pairs, cfg.loss)
@@ -97,10 +106,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
             step += 1
             row = tracker.reduce(dist.world_size, dist.device)
             if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"non-finite loss {row['loss']} at step {step}")
+                raise FloatingPointError(f"non-finite loss {row['loss']} at step {step}, examples "
+                                         f"{sorted(data.examples[u].index for mb in group if mb for u in mb.units)}")
             row.update(step=step, epoch=epoch, lr=engine.lr())
             if step % t.log_every == 0 or step == total_steps:
                 writer.write(row)
+            if data.eval_units and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
+                writer.write(evaluate(engine, data.eval_units, eval_reference, cfg, backend, pad_id, dist) | {"step": step})
     writer.close()
 
     if t.save_model:
@@ -115,12 +127,31 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     return writer.history
 
 
-def _reference(cfg, engine, units, plan, backend, pad_id, dist, run_dir, tokenizer) -> ReferenceTable:
+@torch.no_grad()
+def evaluate(engine, units, reference, cfg, backend, pad_id, dist) -> dict:
+    """Loss and metrics over the whole evaluation split, averaged over its pairs ("eval/..." keys)."""
+    engine.train(False)
+    tracker = StepMetrics()
+    plan = plan_epoch(units, cfg.packing, cfg.trainer.micro_batch_size, cfg.trainer.seed, 0)
+    for group in group_steps(plan, dist.world_size):
+        batch = collate(units, group[dist.rank], pad_id, cfg.packing.pad_multiple).to(dist.device)
+        scores = batch_logps(engine, batch, build_mask(batch.doc_ids, batch.segment_ids, backend))
+        ref = reference.lookup(batch) if reference is not None else None
+        per_pair, metrics = LOSSES[cfg.loss.name](scores, ref, batch.pairs, cfg.loss)
+        tracker.add_pairs(per_pair, metrics)
+        tracker.add_batch(batch)
+    engine.train(True)
+    row = tracker.reduce(dist.world_size, dist.device)
+    keep = [k for k in row if k == "loss" or "/" in k or k in ("nll", "log_odds_ratio", "pairs")]
+    return {f"eval/{k}": row[k] for k in keep}
+
+
+def _reference(cfg, engine, units, plan, backend, pad_id, dist, run_dir, tokenizer, split) -> ReferenceTable:
     identity = {"reference": OmegaConf.to_container(cfg.reference, resolve=True),
                 "model": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.trainer.seed,
-                "precision": cfg.trainer.precision, "layout": cfg.layout.name}
+                "precision": cfg.trainer.precision, "layout": cfg.layout.name, "split": split}
     fp = fingerprint(units, identity)
-    table = ReferenceTable.load(run_dir, fp) if cfg.reference.cache else None
+    table = ReferenceTable.load(run_dir, fp, split) if cfg.reference.cache else None
     if table is not None:
         return table
     if cfg.reference.name_or_path is None:
@@ -131,5 +162,5 @@ def _reference(cfg, engine, units, plan, backend, pad_id, dist, run_dir, tokeniz
         module = PolicyModule(ref_model, cfg.model.logits_chunk).to(dist.device)
     table = compute_reference(module, units, plan, backend, pad_id, dist.device, dist.rank, dist.world_size, fp)
     if cfg.reference.cache and dist.is_main:
-        table.save(run_dir)
+        table.save(run_dir, split)
     return table

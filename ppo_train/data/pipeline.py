@@ -1,13 +1,19 @@
-"""Rows -> examples -> token ids -> units, with the reports of what was truncated or dropped."""
+"""Rows -> examples -> token ids -> units, with the reports of what was truncated or dropped.
+
+The evaluation split is a seeded `dataset.eval_fraction` of the examples or a separate
+file (`dataset.eval_path`). Under ffd, a unit longer than `packing.row_tokens` (possible
+with more than two responses per prompt) cannot be placed: it is dropped and counted.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 from omegaconf import DictConfig
 
 from ppo_train.data.layout import Unit, build_units
-from ppo_train.data.sources import LoadReport, load_examples
+from ppo_train.data.sources import DataError, LoadReport, load_examples
 from ppo_train.data.tokenize import TokenizedExample, TokenizeReport, tokenize_examples
 
 
@@ -17,13 +23,45 @@ class PreparedData:
     examples: list[TokenizedExample]
     load_report: LoadReport
     tokenize_report: TokenizeReport
+    eval_units: list[Unit] = field(default_factory=list)
+    eval_examples: list[TokenizedExample] = field(default_factory=list)
+    dropped_over_row_budget: int = 0
 
     def report(self) -> dict[str, int]:
         return {"rows": self.load_report.rows, "invalid_skipped": self.load_report.skipped,
-                **self.tokenize_report.as_dict()}
+                "of_which_all_tied": self.load_report.tied_rows,
+                "tied_pairs_dropped": self.load_report.tied_pairs,
+                "responses_over_max_responses": self.load_report.capped_responses,
+                **self.tokenize_report.as_dict(), "dropped_over_row_budget": self.dropped_over_row_budget,
+                "train_examples": len(self.units), "eval_examples": len(self.eval_units)}
+
+
+def _fits(units: list[Unit], examples: list[TokenizedExample], cfg: DictConfig):
+    if cfg.packing.name != "ffd":
+        return units, examples, 0
+    keep = [i for i, u in enumerate(units) if u.length <= cfg.packing.row_tokens]
+    examples = [examples[i] for i in keep]
+    return build_units(examples, cfg.layout.name), examples, len(units) - len(keep)
 
 
 def prepare(cfg: DictConfig, tokenizer) -> PreparedData:
-    examples, load_report = load_examples(cfg.dataset)
-    tokenized, tokenize_report = tokenize_examples(examples, tokenizer, cfg.dataset)
-    return PreparedData(build_units(tokenized, cfg.layout.name), tokenized, load_report, tokenize_report)
+    d = cfg.dataset
+    examples, load_report = load_examples(d)
+    tokenized, tokenize_report = tokenize_examples(examples, tokenizer, d)
+    eval_tokenized: list[TokenizedExample] = []
+    if d.eval_path:
+        eval_rows, _ = load_examples(d, d.eval_path)
+        eval_tokenized, _ = tokenize_examples(eval_rows, tokenizer, d)
+    elif d.eval_fraction:
+        order = np.random.default_rng([cfg.trainer.seed, 7]).permutation(len(tokenized))
+        n_eval = max(1, int(round(d.eval_fraction * len(tokenized))))
+        held = set(order[:n_eval].tolist())
+        eval_tokenized = [ex for i, ex in enumerate(tokenized) if i in held]
+        tokenized = [ex for i, ex in enumerate(tokenized) if i not in held]
+    units, tokenized, dropped = _fits(build_units(tokenized, cfg.layout.name), tokenized, cfg)
+    eval_units, eval_tokenized, eval_dropped = _fits(build_units(eval_tokenized, cfg.layout.name), eval_tokenized, cfg)
+    if not units:
+        raise DataError(f"{d.path}: no training examples left ({dropped} longer than packing.row_tokens="
+                        f"{cfg.packing.row_tokens}); raise the row budget or lower the length limits")
+    return PreparedData(units, tokenized, load_report, tokenize_report, eval_units, eval_tokenized,
+                        dropped + eval_dropped)

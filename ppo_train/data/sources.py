@@ -10,7 +10,17 @@ pairs among them. Accepted formats (TRL's names):
   (HH-RLHF transcripts) the prompt ends at the last `response_marker` inside the common
   prefix (the marker stays in the prompt);
 - sharegpt: `conversations` (`from`/`value` turns) plus `chosen` and `rejected` messages
-  (LLaMA-Factory's format), roles mapped human->user, gpt->assistant.
+  (LLaMA-Factory's format), roles mapped human->user, gpt->assistant;
+- scored: `prompt`, `responses` (or `completions`), `scores` (higher = better);
+- ultrafeedback: openbmb/UltraFeedback's raw rows, `instruction` and `completions`, a list
+  of `{"response": ..., "overall_score": ...}` (the score used);
+- ranked: `prompt`, `responses`, `ranks` (0 = best);
+- pandalm: `instruction`, `input`, `response1`, `response2`, `annotator1..3` (1 or 2 = that
+  response is better, 0 = tie); the majority of the annotators decides, a draw is a tie.
+
+Lists keep their first `dataset.max_responses` responses. Preferences are all ordered pairs
+with strictly different scores; tied pairs are dropped and counted, and a row whose
+responses are all tied has no preference at all (an invalid row).
 """
 
 from __future__ import annotations
@@ -26,6 +36,10 @@ Text = Union[str, list]  # a string, or a list of {"role", "content"} messages
 
 class DataError(ValueError):
     """A bad row or file; the message names the file, the row and the field."""
+
+
+class TiedRowError(DataError):
+    """A list whose responses all have the same score: no preference to learn."""
 
 
 @dataclass
@@ -48,13 +62,16 @@ class LoadReport:
     kept: int = 0
     skipped: int = 0  # invalid rows skipped under dataset.on_invalid=skip
     skip_messages: list[str] = field(default_factory=list)
+    tied_pairs: int = 0  # pairs of a list dropped because their scores are equal
+    tied_rows: int = 0  # of the skipped rows: all responses tied
+    capped_responses: int = 0  # responses beyond dataset.max_responses
 
 
-def load_rows(cfg: DictConfig):
-    """Return a `datasets.Dataset` for dataset.path (a local file or a hub id)."""
+def load_rows(cfg: DictConfig, path: str | None = None):
+    """Return a `datasets.Dataset` for `path` (default dataset.path): a local file or a hub id."""
     import datasets
 
-    path = cfg.path
+    path = path or cfg.path
     local = Path(path).expanduser()
     if local.suffix in (".jsonl", ".json", ".parquet") or local.exists():
         if not local.is_file():
@@ -74,13 +91,23 @@ def detect_format(columns: list[str], source: str) -> str:
     cols = set(columns)
     if "conversations" in cols and {"chosen", "rejected"} <= cols:
         return "sharegpt"
+    if {"instruction", "response1", "response2", "annotator1"} <= cols:
+        return "pandalm"
+    if {"instruction", "completions"} <= cols:
+        return "ultrafeedback"
+    if "prompt" in cols and cols & {"responses", "completions"}:
+        if "scores" in cols:
+            return "scored"
+        if "ranks" in cols:
+            return "ranked"
     if {"prompt", "chosen", "rejected"} <= cols:
         return "preference"
     if {"chosen", "rejected"} <= cols:
         return "implicit"
     raise DataError(
         f"{source}: cannot tell the format from the columns {sorted(cols)}; expected prompt/chosen/rejected, "
-        "chosen/rejected (implicit prompt) or conversations/chosen/rejected (sharegpt)"
+        "chosen/rejected (implicit prompt), conversations/chosen/rejected (sharegpt), prompt/responses/scores "
+        "(scored), prompt/responses/ranks (ranked) or instruction/response1/response2/annotator1 (pandalm)"
     )
 
 
@@ -90,7 +117,7 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 def _messages(value: Any, where: str) -> list[dict]:
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: expected a non-empty list of messages, got {type(value).__name__}")
+        raise DataError(f"{where}: expected a string or a non-empty list of messages, got {type(value).__name__}")
     out = []
     for i, m in enumerate(value):
         if isinstance(m, dict) and "role" in m and "content" in m:
@@ -148,12 +175,78 @@ def split_implicit(chosen: Text, rejected: Text, marker: str, where: str) -> tup
     return prompt, a, b
 
 
-def normalize_row(row: dict, index: int, fmt: str, cfg: DictConfig, source: str) -> PreferenceExample:
+REQUIRED = {"preference": ("prompt", "chosen", "rejected"), "implicit": ("chosen", "rejected"),
+            "sharegpt": ("conversations", "chosen", "rejected"), "scored": ("prompt", "scores"),
+            "ranked": ("prompt", "ranks"), "pandalm": ("instruction", "response1", "response2", "annotator1"),
+            "ultrafeedback": ("instruction", "completions")}
+
+
+def pairs_from_scores(scores: list[float]) -> tuple[list[tuple[int, int]], int]:
+    """All ordered pairs (better, worse) with strictly different scores, and the tie count."""
+    pairs, ties = [], 0
+    for i in range(len(scores)):
+        for j in range(i + 1, len(scores)):
+            if scores[i] > scores[j]:
+                pairs.append((i, j))
+            elif scores[j] > scores[i]:
+                pairs.append((j, i))
+            else:
+                ties += 1
+    return pairs, ties
+
+
+def _scored_row(row: dict, fmt: str, where: str) -> tuple[Text, list[Text], list[float]]:
+    if fmt == "pandalm":
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        responses = [_text(row["response1"], f"{where}.response1"), _text(row["response2"], f"{where}.response2")]
+        votes = [row.get(f"annotator{i}") for i in (1, 2, 3) if row.get(f"annotator{i}") is not None]
+        if any(v not in (0, 1, 2) for v in votes):
+            raise DataError(f"{where}.annotator: expected 0 (tie), 1 or 2, got {votes}")
+        scores = [float(votes.count(1)), float(votes.count(2))]
+        return _text(prompt, f"{where}.instruction"), responses, scores
+    if fmt == "ultrafeedback":
+        items = row["completions"]
+        if not isinstance(items, list) or not all(isinstance(c, dict) for c in items):
+            raise DataError(f"{where}.completions: expected a list of {{'response', 'overall_score'}} objects")
+        for i, c in enumerate(items):
+            if not isinstance(c.get("overall_score"), (int, float)):
+                raise DataError(f"{where}.completions[{i}].overall_score: expected a number")
+        responses = [_text(c.get("response"), f"{where}.completions[{i}].response") for i, c in enumerate(items)]
+        return _text(row["instruction"], f"{where}.instruction"), responses, [float(c["overall_score"]) for c in items]
+    key = "responses" if row.get("responses") is not None else "completions"
+    values = row.get(key)
+    if not isinstance(values, list) or len(values) < 2:
+        raise DataError(f"{where}.{key}: expected a list of at least 2 responses")
+    responses = [_text(v, f"{where}.{key}[{i}]") for i, v in enumerate(values)]
+    raw = row["scores"] if fmt == "scored" else row["ranks"]
+    field_name = "scores" if fmt == "scored" else "ranks"
+    if not isinstance(raw, list) or len(raw) != len(responses) or not all(isinstance(x, (int, float)) for x in raw):
+        raise DataError(f"{where}.{field_name}: expected {len(responses)} numbers, one per response")
+    scores = [float(x) for x in raw] if fmt == "scored" else [-float(x) for x in raw]
+    return _text(row["prompt"], f"{where}.prompt"), responses, scores
+
+
+def normalize_row(row: dict, index: int, fmt: str, cfg: DictConfig, source: str,
+                  report: LoadReport | None = None) -> PreferenceExample:
     where = f"{source} row {index}"
-    for key in {"preference": ("prompt", "chosen", "rejected"), "implicit": ("chosen", "rejected"),
-                "sharegpt": ("conversations", "chosen", "rejected")}[fmt]:
+    for key in REQUIRED[fmt]:
         if row.get(key) is None:
             raise DataError(f"{where}: missing field {key!r}")
+    if fmt in ("scored", "ranked", "pandalm", "ultrafeedback"):
+        prompt, responses, scores = _scored_row(row, fmt, where)
+        cap = cfg.get("max_responses")
+        if cap is not None and len(responses) > cap:
+            if report is not None:
+                report.capped_responses += len(responses) - cap
+            responses, scores = responses[:cap], scores[:cap]
+        pairs, ties = pairs_from_scores(scores)
+        if not pairs:
+            raise TiedRowError(f"{where}: all {len(responses)} responses are tied ({field_label(fmt)}), no preference")
+        if report is not None:
+            report.tied_pairs += ties
+        if isinstance(prompt, str) and isinstance(responses[0], list):
+            prompt = [{"role": "user", "content": prompt}]
+        return PreferenceExample(index=index, prompt=prompt, responses=responses, pairs=pairs, scores=scores)
     if fmt == "implicit":
         prompt, chosen, rejected = split_implicit(
             _text(row["chosen"], f"{where}.chosen"), _text(row["rejected"], f"{where}.rejected"),
@@ -175,19 +268,24 @@ def normalize_row(row: dict, index: int, fmt: str, cfg: DictConfig, source: str)
     return PreferenceExample(index=index, prompt=prompt, responses=[chosen, rejected], pairs=[(0, 1)])
 
 
-def load_examples(cfg: DictConfig) -> tuple[list[PreferenceExample], LoadReport]:
-    ds = load_rows(cfg)
-    source = str(cfg.path)
+def field_label(fmt: str) -> str:
+    return {"scored": "scores", "ranked": "ranks", "pandalm": "annotator votes", "ultrafeedback": "overall_score"}[fmt]
+
+
+def load_examples(cfg: DictConfig, path: str | None = None) -> tuple[list[PreferenceExample], LoadReport]:
+    ds = load_rows(cfg, path)
+    source = str(path or cfg.path)
     fmt = cfg.format if cfg.format != "auto" else detect_format(ds.column_names, source)
     report = LoadReport(source=source, rows=len(ds))
     examples = []
     for i, row in enumerate(ds):
         try:
-            examples.append(normalize_row(row, i, fmt, cfg, source))
+            examples.append(normalize_row(row, i, fmt, cfg, source, report))
         except DataError as err:
             if cfg.on_invalid != "skip":
                 raise DataError(f"{err} (dataset.on_invalid=skip skips such rows and counts them)") from None
             report.skipped += 1
+            report.tied_rows += isinstance(err, TiedRowError)
             report.skip_messages.append(str(err))
     if not examples:
         raise DataError(f"{source}: no valid rows ({report.rows} rows, {report.skipped} invalid)")

@@ -11,7 +11,8 @@ summed response log-probs:
 - ipo (Azar et al. 2023, "A General Theoretical Paradigm..."), on per-token *mean*
   log-probs as TRL computes it:  L = (h_mean - 1 / (2 beta))^2
 
-Implicit rewards (the metrics): r_w = beta (log pi(y_w) - log ref(y_w)), r_l likewise.
+Implicit rewards (the metrics): r_w = beta (log pi(y_w) - log ref(y_w)), r_l likewise
+(with per-token means for ipo).
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def dpo_loss(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tenso
         loss = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"loss.variant={cfg.variant!r}: expected sigmoid, ipo, robust or hinge")
-    rewards_chosen = beta * (policy.sums[w] - reference.sums[w]).detach()
-    rewards_rejected = beta * (policy.sums[l] - reference.sums[l]).detach()
+    # implicit rewards from the log-probs the loss used (per-token means for ipo, as TRL logs them)
+    rewards_chosen = beta * chosen_ratio.detach()
+    rewards_rejected = beta * rejected_ratio.detach()
     metrics = {
         "rewards/chosen": rewards_chosen,
         "rewards/rejected": rewards_rejected,

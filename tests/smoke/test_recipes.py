@@ -19,9 +19,19 @@ from ppo_train.paths import recipe_dirs
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "assets" / "golden_tiny_dpo.json"
 RECIPES = sorted(p.stem for d in recipe_dirs() for p in d.glob("*.yaml"))
-# Recipes whose model or data lives on the hub run here with the tiny model and bundled data.
-OFFLINE = ["model=tiny", "dataset=hh_rlhf_bundled", "trainer=cpu", "dataset.num_rows=24",
-           "packing.row_tokens=1024", "logging.wandb=disabled"]
+# Recipes whose model or data lives on the hub run here with the tiny model and bundled data;
+# the others run as they are (with a tiny model where theirs is a real one).
+HUB_OVERRIDES = ["model=tiny", "dataset=hh_rlhf_bundled", "trainer=cpu", "dataset.num_rows=24",
+                 "packing.row_tokens=1024", "logging.wandb=disabled", "dataset.max_responses=null"]
+
+
+def offline_overrides(recipe: str) -> list[str]:
+    cfg = compose([f"recipe={recipe}", "run_name=x"])
+    local_data = Path(str(cfg.dataset.path)).is_file()
+    out = ["model=tiny", "trainer=cpu", "logging.wandb=disabled"]
+    if not local_data:
+        out = HUB_OVERRIDES + (["dataset.format=implicit"] if cfg.dataset.format != "implicit" else [])
+    return out + ["dataset.num_rows=40"] if local_data else out
 
 
 def run_pptrain(run_dir: Path, *overrides: str, timeout: int = 600) -> list[dict]:
@@ -47,12 +57,18 @@ def test_command_line_group_override_wins_over_recipe():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_two_steps_with_a_tiny_model(recipe, tmp_path):
-    rows = run_pptrain(tmp_path / "run", f"recipe={recipe}", *OFFLINE, "trainer.max_steps=2", "trainer.grad_accum=1")
-    assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["pairs"] > 0 for r in rows)
-    from transformers import AutoModelForCausalLM
+    rows = run_pptrain(tmp_path / "run", f"recipe={recipe}", *offline_overrides(recipe), "trainer.max_steps=2",
+                       "trainer.grad_accum=1")
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["pairs"] > 0 and r["loss"] == r["loss"] for r in steps)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    if compose([f"recipe={recipe}", "run_name=x"]).loss.name == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+        assert model.config.num_labels == 1 and model.config.pad_token_id != model.config.eos_token_id
+    else:
+        AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
 
 
 def test_golden_run_reproduces_recorded_losses(tmp_path):

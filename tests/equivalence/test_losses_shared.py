@@ -1,0 +1,101 @@
+"""Every loss on the fast path: shared rows with K = 2, 3, 4 responses, packed, give the
+same per-response scores, per-pair losses and parameter gradients as the paired
+computation; the reward read from a shared row equals the exported classifier's score on
+the ordinary unshared sequence.
+
+Tolerances: scores 1e-5 absolute; total loss 1e-5; gradients 1e-4 of the largest entry + 1e-6.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ppo_train.data.collate import collate
+from ppo_train.data.layout import build_units
+from ppo_train.data.packing import plan_epoch
+from ppo_train.logps import ResponseLogps
+from ppo_train.losses import LOSSES, NEEDS_REFERENCE
+from ppo_train.masks import build_mask
+from ppo_train.model import PolicyModule, RewardModule, batch_logps
+from tests.conftest import random_examples, tiny_model
+
+LOSS_CFG = OmegaConf.create({"beta": 0.1, "variant": "sigmoid", "label_smoothing": 0.0, "gamma": 0.5,
+                             "orpo_lambda": 0.1, "margin": 0.2, "center_coef": 0.01})
+PACK = {"paired-none": ("paired", OmegaConf.create({"name": "none", "pad_multiple": 128})),
+        "shared-ffd": ("shared", OmegaConf.create({"name": "ffd", "row_tokens": 384, "rows_per_batch": 2,
+                                                   "pad_multiple": 128})),
+        "shared-sorted": ("shared", OmegaConf.create({"name": "sorted", "pad_multiple": 128}))}
+
+
+def tiny_reward_model(seed=0):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model("llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                  num_labels=1, pad_token_id=96)
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def run(loss: str, examples, setup: str):
+    """Total loss (sum of per-pair losses / all pairs), per-response scores and gradients."""
+    layout, packing = PACK[setup]
+    units = build_units(examples, layout)
+    model = tiny_reward_model() if loss == "reward" else tiny_model("llama")
+    module = RewardModule(model) if loss == "reward" else PolicyModule(model, logits_chunk=16)
+    total_pairs = sum(len(u.pairs) for u in units)
+    scores, total = {}, 0.0
+    for mb in plan_epoch(units, packing, 2, seed=5, epoch=0):
+        batch = collate(units, mb, pad_id=96)
+        out = batch_logps(module, batch, build_mask(batch.doc_ids, batch.segment_ids, "sdpa"))
+        # a fixed reference that differs per response, so DPO is not at its ln 2 start
+        ref = ResponseLogps(-(batch.response_unit.double() * 7 % 5) - batch.response_k.double() * 2.0, out.counts) \
+            if NEEDS_REFERENCE[loss] else None
+        per_pair, _ = LOSSES[loss](out, ref, batch.pairs, LOSS_CFG)
+        (per_pair.sum() / total_pairs).backward()
+        total += float(per_pair.sum().detach()) / total_pairs
+        for u, k, s in zip(batch.response_unit.tolist(), batch.response_k.tolist(), out.sums.tolist()):
+            scores[(u, k)] = s
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return total, scores, grads
+
+
+@pytest.mark.parametrize("loss", ["dpo", "simpo", "orpo", "sft", "reward"])
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_every_loss_shared_packed_equals_paired(loss, k):
+    examples = random_examples(7, k, seed=40 + k)
+    base_loss, base_scores, base_grads = run(loss, examples, "paired-none")
+    for setup in ("shared-ffd", "shared-sorted"):
+        total, scores, grads = run(loss, examples, setup)
+        diff = max(abs(scores[key] - base_scores[key]) for key in base_scores)
+        assert scores.keys() == base_scores.keys() and diff <= 1e-5, f"{loss} {setup} K={k}: scores differ by {diff:.3g}"
+        assert abs(total - base_loss) <= 1e-5, f"{loss} {setup} K={k}: loss {total} vs {base_loss}"
+        scale = max(float(g.abs().max()) for g in base_grads.values())
+        worst = max(float((grads[n] - base_grads[n]).abs().max()) for n in base_grads)
+        assert scale > 0 and worst <= 1e-4 * scale + 1e-6, f"{loss} {setup} K={k}: grad diff {worst:.3g} / {scale:.3g}"
+
+
+def test_reward_from_shared_row_equals_exported_classifier(tmp_path):
+    """Score K=4 responses in shared, packed rows; save_pretrained; reload with
+    AutoModelForSequenceClassification and score each [P | Ri] alone (HF's own pooling)."""
+    from transformers import AutoModelForSequenceClassification
+
+    examples = random_examples(5, 4, seed=3, vocab=96)  # token 96 is the pad: never inside a sequence
+    _, shared_scores, _ = run("reward", examples, "shared-ffd")
+    tiny_reward_model().save_pretrained(tmp_path / "rm")
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        for ex in examples:
+            for k, r in enumerate(ex.response_ids):
+                plain = float(loaded(input_ids=torch.tensor([ex.prompt_ids + r])).logits[0, 0])
+                assert abs(plain - shared_scores[(ex.index, k)]) <= 1e-5, (ex.index, k, plain, shared_scores[(ex.index, k)])
+            # padded batch of the unshared sequences: HF pools at the last non-pad token
+            seqs = [ex.prompt_ids + r for r in ex.response_ids]
+            width = max(map(len, seqs))
+            ids = torch.tensor([s + [96] * (width - len(s)) for s in seqs])
+            attn = (ids != 96).long()
+            padded = loaded(input_ids=ids, attention_mask=attn).logits[:, 0]
+            want = torch.tensor([shared_scores[(ex.index, k)] for k in range(4)], dtype=padded.dtype)
+            assert torch.allclose(padded, want, atol=1e-5), (padded, want)

@@ -1,0 +1,96 @@
+"""The benchmark on a very small setting, and the log-prob head microbenchmark's equality claim."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from ppo_train.bench import BenchOptions, _merge_overrides, group_by_units, run_grid, write_outputs
+from ppo_train.cli import compose
+from ppo_train.data.layout import build_units
+from ppo_train.model import load_tokenizer
+from ppo_train.paths import REPO_DIR
+from ppo_train.stats import comparable_examples, packing_cell
+
+SMALL = ["model=tiny", "model.from_config.hidden_size=32", "model.from_config.intermediate_size=64",
+         "model.from_config.num_attention_heads=4", "model.from_config.num_key_value_heads=2",
+         "dataset.num_rows=14", "dataset.max_prompt_length=64", "dataset.max_response_length=32",
+         "packing.row_tokens=512", "trainer.micro_batch_size=2"]
+GRID = [("paired", "none"), ("shared", "ffd")]
+
+
+@pytest.fixture(scope="module")
+def result():
+    opts = BenchOptions(grid=GRID, warmup_steps=1, units_per_step=4, num_units=12, subprocess=False, trl=False)
+    return run_grid(SMALL, opts, log=lambda *_: None)
+
+
+def test_structure_and_throughput(result):
+    points = result["points"]
+    assert [(p["layout"], p["packer"]) for p in points] == GRID
+    for p in points:
+        assert p["units"] == 12, p  # every point trains the same prompts in its timed pass
+        assert p["samples_per_s"] > 0 and p["real_tokens_per_s"] > 0 and p["seconds"] > 0, p
+        assert p["steps"] >= 1 and p["warmup_steps"] == 1 and p["mask_s_per_step"] >= 0
+        assert p["peak_memory_mib"] is None or p["peak_memory_mib"] > 0
+        assert p["last_step_loss"] == p["last_step_loss"], "non-finite loss"  # NaN != NaN
+        assert p["ideal_prefix"] == (result["stats"]["ideal_speedup"] if p["layout"] == "shared" else 1.0)
+    base = points[0]
+    assert base["speedup"] == pytest.approx(1.0) and base["ideal_padded"] == pytest.approx(1.0)
+    assert points[1]["ideal_padded"] == pytest.approx(base["total_tokens"] / points[1]["total_tokens"])
+    assert result["trl"].get("skipped"), result["trl"]
+
+
+def test_pad_fractions_equal_stats(result):
+    cfg = compose([*SMALL, "run_name=test"])
+    examples = comparable_examples(cfg, load_tokenizer(cfg.model))[0][:12]
+    for p in result["points"]:
+        cell = packing_cell(examples, cfg, p["layout"], p["packer"])
+        assert (p["real_tokens"], p["total_tokens"]) == (cell["real_tokens"], cell["total_tokens"]), (p, cell)
+        assert p["pad_fraction"] == pytest.approx(1.0 - cell["nonpad_fraction"], abs=1e-12)
+    cells = {(c["layout"], c["packer"]): c for c in result["stats"]["packing"]}
+    for p in result["points"]:
+        assert p["total_tokens"] == cells[(p["layout"], p["packer"])]["total_tokens"]
+
+
+def test_outputs_written(result, tmp_path):
+    paths = write_outputs(result, tmp_path)
+    assert json.loads((tmp_path / "bench.json").read_text())["points"][0]["layout"] == "paired"
+    table = (tmp_path / "bench.md").read_text()
+    assert "| paired+none |" in table and "| shared+ffd |" in table and "trl is not installed" in table
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "bench.png").stat().st_size > 1000, paths
+
+
+def test_steps_cover_every_unit_once():
+    from ppo_train.data.packing import plan_epoch
+
+    cfg = compose([*SMALL, "run_name=test"])
+    units = build_units(comparable_examples(cfg, load_tokenizer(cfg.model))[0], "shared")
+    for packer in ("none", "ffd"):
+        plan = plan_epoch(units, compose([*SMALL, f"packing={packer}", "run_name=t"]).packing, 2, 42, 0)
+        steps = group_by_units(plan, 4)
+        counts = [sum(len(mb.units) for mb in s) for s in steps]
+        assert sorted(u for s in steps for mb in s for u in mb.units) == list(range(len(units)))
+        assert all(c >= 4 for c in counts[:-1]), counts
+
+
+def test_user_overrides_win():
+    assert _merge_overrides(["model=tiny", "dataset.num_rows=160"], ["dataset.num_rows=8", "x.y=1"]) == [
+        "model=tiny", "dataset.num_rows=8", "x.y=1"]
+
+
+def _logit_memory():
+    spec = importlib.util.spec_from_file_location("logit_memory", REPO_DIR / "scripts" / "logit_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chunked_head_equals_naive():
+    """Chunked log-probs (chunk 128 over 512 tokens: several chunks, recomputed in the backward)
+    equal full-logits log_softmax + gather, values and gradients, within 1e-5."""
+    diffs = _logit_memory().compare_heads(tokens=512, vocab=5000, hidden=64, chunk=128, seed=0)
+    assert max(diffs.values()) < 1e-5, diffs
