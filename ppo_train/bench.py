@@ -108,6 +108,27 @@ def peak_memory_mib(device: torch.device) -> float | None:
     return _status_mib("VmHWM")
 
 
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]  # all but idle and iowait
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def other_cpu_share(before, after, seconds: float) -> float | None:
+    """Share of the machine's CPU time used by other processes during a timed pass: the
+    timings are only comparable when it is near 0 (a busy 2-core machine slows an
+    OpenMP-threaded run far more than the share itself)."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    other = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, other / (seconds * (os.cpu_count() or 1)))
+
+
 def _compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -225,9 +246,10 @@ def run_point(overrides: list[str], layout: str, packer: str, opts: BenchOptions
     scope = reset_peak_memory(device)
     graphs = _compiled_graphs()
     tally = Tally()
-    start = _sync(device)
+    cpu_before, start = _cpu_seconds(), _sync(device)
     train_steps(ctx, group_by_units(ctx["plans"][0], opts.units_per_step), tally)
     seconds = _sync(device) - start
+    other = other_cpu_share(cpu_before, _cpu_seconds(), seconds)
     return {
         "layout": layout, "packer": packer, "device": str(device), "backend": ctx["backend"],
         "params": ctx["params"], "threads": torch.get_num_threads(), "units": tally.units,
@@ -241,7 +263,7 @@ def run_point(overrides: list[str], layout: str, packer: str, opts: BenchOptions
         "peak_memory_mib": peak_memory_mib(device), "peak_memory_scope": scope,
         "rss_before_model_mib": ctx["rss_before_model_mib"],
         "compiled_graphs_after_warmup": _compiled_graphs() - graphs, "last_step_loss": tally.last_loss,
-        "loadavg_1min": os.getloadavg()[0],  # other work on the machine skews the timings
+        "other_cpu_share": other,
     }
 
 
@@ -390,6 +412,10 @@ def markdown(result: dict) -> str:
     trl = result["trl"]
     lines += ["", f"TRL DPOTrainer baseline: {trl.get('skipped') or trl.get('error') or _fmt(trl.get('samples_per_s'))}"
               + ("" if trl.get("skipped") or trl.get("error") else " samples/s")]
+    busy = [p for p in pts if (p.get("other_cpu_share") or 0) > 0.05]
+    if busy:
+        lines.append("WARNING: other processes used the CPU during " + ", ".join(
+            f"{p['layout']}+{p['packer']} ({p['other_cpu_share']:.0%})" for p in busy) + "; rerun on a quiet machine")
     if "wall_s" in result:
         lines.append(f"Benchmark wall time: {result['wall_s']:.0f} s")
     return "\n".join(lines) + "\n"

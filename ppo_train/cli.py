@@ -92,6 +92,9 @@ def quiet_libraries() -> None:
 
 def main() -> None:
     sys.argv = [sys.argv[0]] + strip_launcher_args(sys.argv[1:])
+    if int(os.environ.get("RANK", "0")) > 0:
+        # one run directory written by rank 0 only: other ranks keep no Hydra log or config copy
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     quiet_libraries()
     register_resolvers()
     register_schemas()

@@ -103,6 +103,9 @@ class ReferenceConfig:
     name_or_path: Optional[str] = None
     gguf_file: Optional[str] = None
     cache: bool = True  # also write the cache to the run directory
+    # live: run a frozen reference model beside the policy on every batch (sharded under
+    # ZeRO-3) instead of the precomputed table; for when the table would not fit.
+    live: bool = False
 
 
 @dataclass
@@ -127,6 +130,10 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     log_every: int = 1
     eval_every: int = 0  # evaluate every N steps (0 = only after the last step); needs an eval split
+    save_every: int = 500  # checkpoint every N optimizer steps (0 = never; SIGTERM/SIGINT still save)
+    keep_last: int = 2  # complete checkpoints kept
+    resume: Optional[str] = None  # null | auto (newest complete checkpoint of this run dir) | a path
+    on_nonfinite: str = "error"  # error: stop, naming step and examples | skip: drop the micro-batch, count it
     save_model: bool = True
 
 
@@ -169,6 +176,7 @@ CHOICES = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.schedule": ("constant", "linear", "cosine"),
     "trainer.precision": ("fp32", "bf16", "fp16"),
+    "trainer.on_nonfinite": ("error", "skip"),
     "trainer.zero_stage": (0, 1, 2, 3),
     "logging.wandb": ("disabled", "offline", "online"),
     "mode": ("train",),
@@ -222,6 +230,8 @@ def validate(cfg: DictConfig) -> None:
     if loss.name != "dpo" and cfg.reference.name_or_path is not None:
         problems.append(f"reference.name_or_path: loss={loss.name} is reference-free and never uses a reference "
                         "model; remove the setting (or use loss=dpo)")
+    if loss.name != "dpo" and cfg.reference.live:
+        problems.append(f"reference.live: loss={loss.name} is reference-free")
     if loss.orpo_lambda < 0 or loss.center_coef < 0:
         problems.append("loss.orpo_lambda and loss.center_coef: expected >= 0")
     if len(t.adam_betas) != 2:
@@ -245,6 +255,8 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"dataset.eval_fraction={d.eval_fraction}: expected 0 <= value < 1")
     if d.eval_fraction and d.eval_path:
         problems.append("dataset.eval_fraction and dataset.eval_path: set one of them, not both")
+    if t.save_every < 0 or t.keep_last < 1:
+        problems.append(f"trainer.save_every={t.save_every}, trainer.keep_last={t.keep_last}: expected >= 0 and >= 1")
     if t.eval_every < 0:
         problems.append(f"trainer.eval_every={t.eval_every}: expected >= 0 (0 = at the end only)")
     if cfg.layout.name == "paired" and m.attention == "flex" and p.name == "none":

@@ -144,6 +144,19 @@ class Engine:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
+    def barrier(self) -> None:
+        if self.dist.world_size > 1:
+            torch.distributed.barrier()
+
+    def save_checkpoint(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag="state")
+
+    def load_checkpoint(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder}")
+
     def export(self, out_dir: Path, tokenizer) -> None:
         """Gather the (possibly ZeRO-3 partitioned) weights and write them with save_pretrained."""
         model = self.module.model

@@ -54,17 +54,26 @@ class MetricsWriter:
     """metrics.jsonl, wandb and the progress bar; a no-op on ranks other than 0."""
 
     def __init__(self, run_dir: Path, total_steps: int, enabled: bool, progress: bool, wandb_run=None,
-                 append: bool = False):
+                 resume_step: int | None = None):
         self.enabled, self.wandb = enabled, wandb_run
         self.history: list[dict] = []
-        self.file = open(run_dir / "metrics.jsonl", "a" if append else "w") if enabled else None
+        self.file = None
+        if enabled:
+            path = run_dir / "metrics.jsonl"
+            if resume_step is not None and path.exists():
+                # keep the rows up to the checkpoint; later ones are trained again
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+                self.history = [json.loads(line) for line in kept]
+                path.write_text("".join(line + "\n" for line in kept))
+            self.file = open(path, "a" if resume_step is not None else "w")
         self.progress = None
         if enabled and progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                      TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-            self.task = self.progress.add_task("train", total=total_steps, info="")
+            self.task = self.progress.add_task("train", total=total_steps, info="",
+                                               completed=resume_step or 0)
             self.progress.start()
 
     def write(self, row: dict) -> None:

@@ -29,6 +29,9 @@ class ReferenceTable:
     def __init__(self, sums: torch.Tensor, counts: torch.Tensor, fingerprint: str):
         self.sums, self.counts, self.fingerprint = sums, counts, fingerprint  # (U, Kmax)
 
+    def scores(self, batch: PackedBatch, mask=None) -> ResponseLogps:
+        return self.lookup(batch)
+
     def lookup(self, batch: PackedBatch) -> ResponseLogps:
         u, k = batch.response_unit.cpu(), batch.response_k.cpu()
         device = batch.input_ids.device
@@ -83,3 +86,24 @@ def compute_reference(module, units: list[Unit], plan: list[MicroBatch], backend
         torch.distributed.all_reduce(sums)
         torch.distributed.all_reduce(counts)
     return ReferenceTable(sums, counts, fp)
+
+
+class LiveReference:
+    """A frozen reference model run beside the policy on every batch, with the same mask
+    (for when the cache would not fit). Under ZeRO-3 it is sharded like the policy."""
+
+    def __init__(self, module: torch.nn.Module, trainer_cfg, dist):
+        import deepspeed
+
+        from ppo_train.engine import deepspeed_config
+
+        config = deepspeed_config(trainer_cfg, dist.world_size)
+        config.pop("optimizer", None)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        module.eval()
+        self.engine, *_ = deepspeed.initialize(model=module, config=config, dist_init_required=False)
+
+    @torch.no_grad()
+    def scores(self, batch: PackedBatch, mask) -> ResponseLogps:
+        return batch_logps(self.engine, batch, mask)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ppo_train import checkpoint
 from ppo_train.data.collate import collate
 from ppo_train.data.packing import group_steps, plan_epoch
 from ppo_train.data.pipeline import prepare
@@ -20,7 +22,8 @@ from ppo_train.losses import LOSSES, NEEDS_REFERENCE, REWARD_MODEL
 from ppo_train.masks import build_mask, resolve_backend
 from ppo_train.metrics import MetricsWriter, StepMetrics, summary_table
 from ppo_train.model import PolicyModule, RewardModule, batch_logps, load_causal_lm, load_tokenizer
-from ppo_train.reference import ReferenceTable, compute_reference, fingerprint
+from ppo_train.reference import LiveReference, ReferenceTable, compute_reference, fingerprint
+from ppo_train.signals import StopRequest
 
 
 def seed_everything(seed: int) -> None:
@@ -72,17 +75,26 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     engine = Engine(module, t, total_steps, dist)
     loss_fn = LOSSES[cfg.loss.name]
     reference = eval_reference = None
-    if NEEDS_REFERENCE[cfg.loss.name]:
+    if NEEDS_REFERENCE[cfg.loss.name] and cfg.reference.live:
+        reference = eval_reference = _live_reference(cfg, tokenizer, backend, dist)
+    elif NEEDS_REFERENCE[cfg.loss.name]:
         reference = _reference(cfg, engine, units, plans[0], backend, pad_id, dist, run_dir, tokenizer, "train")
         if data.eval_units:
             eval_plan = plan_epoch(data.eval_units, cfg.packing, t.micro_batch_size, t.seed, 0)
             eval_reference = _reference(cfg, engine, data.eval_units, eval_plan, backend, pad_id, dist, run_dir,
                                         tokenizer, "eval")
 
+    resume_from = checkpoint.find_resume(run_dir, t.resume)
+    step = 0
+    if resume_from is not None:
+        step = checkpoint.load(engine, resume_from)["step"]
+        if dist.is_main:
+            print(f"pptrain: resumed from {resume_from} at step {step}", file=sys.stderr)
     writer = MetricsWriter(run_dir, total_steps, dist.is_main, cfg.logging.progress,
-                           _wandb_run(cfg, run_dir) if dist.is_main else None)
+                           _wandb_run(cfg, run_dir) if dist.is_main else None, resume_step=step if resume_from else None)
+    stop = StopRequest()
     engine.train()
-    step, start = 0, time.perf_counter()
+    start, skipped = time.perf_counter(), 0
     while step < total_steps:
         epoch = step // steps_per_epoch
         if epoch not in plans:
@@ -97,24 +109,43 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
                 batch = collate(units, mb, pad_id, cfg.packing.pad_multiple).to(dist.device)
                 mask = build_mask(batch.doc_ids, batch.segment_ids, backend)  # once per batch
                 policy = batch_logps(engine, batch, mask)
-                ref = reference.lookup(batch) if reference is not None else None
+                ref = reference.scores(batch, mask) if reference is not None else None
                 per_pair, metrics = loss_fn(policy, ref, batch.pairs, cfg.loss)
-                engine.backward(per_pair.sum() / max(step_pairs, 1))
+                if not _finite_everywhere(per_pair, dist):
+                    if t.on_nonfinite == "error":
+                        ids = sorted(data.examples[u].index for m in group if m for u in m.units)
+                        raise FloatingPointError(
+                            f"non-finite loss at step {step + 1} (source rows {ids}); the last checkpoint is "
+                            "intact; trainer.on_nonfinite=skip drops such micro-batches instead")
+                    skipped += 1  # every rank skips this backward together (ZeRO-3 collectives)
+                else:
+                    engine.backward(per_pair.sum() / max(step_pairs, 1))
+                    tracker.add_pairs(per_pair, metrics)
                 engine.step()
-                tracker.add_pairs(per_pair, metrics)
                 tracker.add_batch(batch)
             step += 1
             row = tracker.reduce(dist.world_size, dist.device)
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"non-finite loss {row['loss']} at step {step}, examples "
-                                         f"{sorted(data.examples[u].index for mb in group if mb for u in mb.units)}")
-            row.update(step=step, epoch=epoch, lr=engine.lr())
+            row.update(step=step, epoch=epoch, lr=engine.lr(), skipped_nonfinite=skipped)
             if step % t.log_every == 0 or step == total_steps:
                 writer.write(row)
             if data.eval_units and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
                 writer.write(evaluate(engine, data.eval_units, eval_reference, cfg, backend, pad_id, dist) | {"step": step})
+            stopping = stop.any_rank(dist.world_size, dist.device)
+            if stopping or (t.save_every and step % t.save_every == 0 and step < total_steps):
+                checkpoint.save(engine, run_dir, step, epoch, {"total_steps": total_steps}, t.keep_last)
+            if stopping:
+                break
+        if stop.requested or step >= total_steps:
+            break
+    stop.restore()
     writer.close()
 
+    if stop.requested and step < total_steps:
+        writer.close()
+        if dist.is_main:
+            print(f"pptrain: stopped by a signal at step {step}; checkpoint saved, resume with trainer.resume=auto",
+                  file=sys.stderr)
+        return writer.history
     if t.save_model:
         engine.export(run_dir / "model", tokenizer)
     if dist.is_main:
@@ -127,6 +158,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     return writer.history
 
 
+def _finite_everywhere(values: torch.Tensor, dist) -> bool:
+    ok = torch.tensor([1.0 if bool(torch.isfinite(values.detach()).all()) else 0.0], device=dist.device)
+    if dist.world_size > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
 @torch.no_grad()
 def evaluate(engine, units, reference, cfg, backend, pad_id, dist) -> dict:
     """Loss and metrics over the whole evaluation split, averaged over its pairs ("eval/..." keys)."""
@@ -135,8 +173,9 @@ def evaluate(engine, units, reference, cfg, backend, pad_id, dist) -> dict:
     plan = plan_epoch(units, cfg.packing, cfg.trainer.micro_batch_size, cfg.trainer.seed, 0)
     for group in group_steps(plan, dist.world_size):
         batch = collate(units, group[dist.rank], pad_id, cfg.packing.pad_multiple).to(dist.device)
-        scores = batch_logps(engine, batch, build_mask(batch.doc_ids, batch.segment_ids, backend))
-        ref = reference.lookup(batch) if reference is not None else None
+        mask = build_mask(batch.doc_ids, batch.segment_ids, backend)
+        scores = batch_logps(engine, batch, mask)
+        ref = reference.scores(batch, mask) if reference is not None else None
         per_pair, metrics = LOSSES[cfg.loss.name](scores, ref, batch.pairs, cfg.loss)
         tracker.add_pairs(per_pair, metrics)
         tracker.add_batch(batch)
@@ -146,7 +185,15 @@ def evaluate(engine, units, reference, cfg, backend, pad_id, dist) -> dict:
     return {f"eval/{k}": row[k] for k in keep}
 
 
+def _live_reference(cfg, tokenizer, backend, dist) -> LiveReference:
+    """A frozen copy of the initial policy (same seed, same weights) or of reference.name_or_path."""
+    ref_model = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision), backend,
+                               cfg.trainer.seed, cfg.reference.name_or_path, cfg.reference.gguf_file)
+    return LiveReference(PolicyModule(ref_model, cfg.model.logits_chunk), cfg.trainer, dist)
+
+
 def _reference(cfg, engine, units, plan, backend, pad_id, dist, run_dir, tokenizer, split) -> ReferenceTable:
+    """The reference table, computed once before training (or found in the run directory)."""
     identity = {"reference": OmegaConf.to_container(cfg.reference, resolve=True),
                 "model": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.trainer.seed,
                 "precision": cfg.trainer.precision, "layout": cfg.layout.name, "split": split}

@@ -72,9 +72,10 @@ def test_recipe_runs_two_steps_with_a_tiny_model(recipe, tmp_path):
 
 
 def test_golden_run_reproduces_recorded_losses(tmp_path):
-    """`tiny_dpo`, seed 42, first 4 steps: losses and margins exactly as recorded (CPU, fp32).
-    Regenerate tests/assets/golden_tiny_dpo.json only for a change that is meant to change the math."""
-    rows = run_pptrain(tmp_path / "run", "trainer.max_steps=4")
+    """`tiny_dpo` on its first 120 rows, seed 42, first 4 steps: losses and margins exactly as
+    recorded (CPU, fp32). Regenerate tests/assets/golden_tiny_dpo.json (same command) only for a
+    change that is meant to change the math."""
+    rows = run_pptrain(tmp_path / "run", "trainer.max_steps=4", "dataset.num_rows=120")
     got = [{"step": r["step"], "loss": r["loss"], "rewards/margins": r["rewards/margins"]} for r in rows]
     want = json.loads(GOLDEN.read_text())
     assert got == want, f"got {got}\nwant {want}"

@@ -1,0 +1,68 @@
+"""Checkpoints survive: SIGKILL mid-training then trainer.resume=auto gives metrics.jsonl
+losses identical (bitwise, CPU, one rank) to an uninterrupted run; SIGTERM saves and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.smoke.test_recipes import run_pptrain
+
+ARGS = ["dataset.num_rows=160", "trainer.max_steps=8", "trainer.save_every=2", "packing.rows_per_batch=3",
+        "packing.row_tokens=768"]
+
+
+def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    args = [sys.executable, "-m", "ppo_train", f"hydra.run.dir={run_dir}", "logging.progress=false", *ARGS, *overrides]
+    return subprocess.Popen(args, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_rows(proc: subprocess.Popen, metrics: Path, rows: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:
+            return
+        assert proc.poll() is None, f"the run ended before step {rows}: {proc.communicate()[1][-3000:]}"
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {rows} within {timeout} s")
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    full = tmp_path / "full"
+    run_pptrain(full, *ARGS)
+    killed = tmp_path / "killed"
+    proc = start(killed)
+    wait_for_rows(proc, killed / "metrics.jsonl", 5)  # the step-4 checkpoint exists from here on
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = losses(killed)
+    assert 5 <= len(partial) < 8, f"killed after {len(partial)} steps: not in the middle"
+    run_pptrain(killed, *ARGS, "trainer.resume=auto")
+    want, got = losses(full), losses(killed)
+    assert got == want, f"resumed {got}\nuninterrupted {want}"
+    assert not list((killed / "checkpoints").glob("tmp-*")), "an unfinished save was left behind"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, "trainer.save_every=0")
+    wait_for_rows(proc, run_dir / "metrics.jsonl", 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    done = losses(run_dir)
+    assert (run_dir / "checkpoints" / f"step-{done[-1][0]}" / "COMPLETE").is_file(), err[-2000:]
+    assert "stopped by a signal" in err and not (run_dir / "model").exists()
+    run_pptrain(run_dir, *ARGS, "trainer.save_every=0", "trainer.resume=auto")
+    assert [s for s, _ in losses(run_dir)] == list(range(1, 9))
