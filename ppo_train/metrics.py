@@ -19,6 +19,7 @@ class StepMetrics:
         self.start = time.perf_counter()
 
     def add_pairs(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        self.sums["scored_pairs"] += int(loss.numel())
         self.sums["loss"] += float(loss.detach().sum())
         for key, value in metrics.items():
             self.sums[key] += float(value.detach().sum())
@@ -39,8 +40,12 @@ class StepMetrics:
         else:
             totals = dict(self.sums)
         seconds = time.perf_counter() - self.start
-        pairs = max(totals.get("pairs", 0.0), 1.0)
-        row = {k: v / pairs for k, v in totals.items() if k == "loss" or "/" in k}
+        # per-pair means over the pairs that entered the loss (skipped micro-batches excluded);
+        # None when a step had none
+        scored = totals.get("scored_pairs", 0.0)
+        row = {"loss": None}
+        row.update({k: (v / scored if scored else None) for k, v in totals.items()
+                    if k in ("loss", "nll", "log_odds_ratio") or "/" in k})
         for k in ("pairs", "responses", "samples", "tokens", "real_tokens"):
             row[k] = int(totals.get(k, 0))
         row["pad_fraction"] = 1.0 - totals.get("real_tokens", 0) / max(totals.get("tokens", 1), 1)
@@ -85,8 +90,9 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
         if self.progress is not None:
-            info = (f"loss {row['loss']:.4f}  acc {row.get('rewards/accuracies', float('nan')):.2f}  "
-                    f"margin {row.get('rewards/margins', float('nan')):.3f}  {row['samples_per_s']:.1f} samples/s")
+            fmt = lambda key, spec: "-" if row.get(key) is None else format(row[key], spec)  # noqa: E731
+            info = (f"loss {fmt('loss', '.4f')}  acc {fmt('rewards/accuracies', '.2f')}  "
+                    f"margin {fmt('rewards/margins', '.3f')}  {row['samples_per_s']:.1f} samples/s")
             self.progress.update(self.task, completed=row["step"], info=info)
 
     def close(self) -> None:
@@ -96,6 +102,10 @@ class MetricsWriter:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def summary_table(history: list[dict], extra: dict[str, object]):
@@ -113,11 +123,11 @@ def summary_table(history: list[dict], extra: dict[str, object]):
         for key in ("loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                     "samples_per_s", "tokens_per_s", "pad_fraction"):
             if key in last:
-                table.add_row(key, f"{first[key]:.4g}", f"{last[key]:.4g}")
+                table.add_row(key, _num(first.get(key)), _num(last.get(key)))
     if evals:
         for key in ("eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"):
             if key in evals[-1]:
-                table.add_row(key, f"{evals[0][key]:.4g}", f"{evals[-1][key]:.4g}")
+                table.add_row(key, _num(evals[0].get(key)), _num(evals[-1].get(key)))
     for key, value in extra.items():
         table.add_row(key, "", str(value))
     return table

@@ -117,7 +117,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
                         raise FloatingPointError(
                             f"non-finite loss at step {step + 1} (source rows {ids}); the last checkpoint is "
                             "intact; trainer.on_nonfinite=skip drops such micro-batches instead")
-                    skipped += 1  # every rank skips this backward together (ZeRO-3 collectives)
+                    # every rank skips together (the flag is all-reduced); an empty batch's zero
+                    # loss keeps DeepSpeed's backward/step sequence intact without the bad values
+                    skipped += 1
+                    empty = collate(units, None, pad_id, cfg.packing.pad_multiple).to(dist.device)
+                    empty_scores = batch_logps(engine, empty, build_mask(empty.doc_ids, empty.segment_ids, backend))
+                    engine.backward(empty_scores.sums.sum() * 0.0)
                 else:
                     engine.backward(per_pair.sum() / max(step_pairs, 1))
                     tracker.add_pairs(per_pair, metrics)
@@ -181,7 +186,7 @@ def evaluate(engine, units, reference, cfg, backend, pad_id, dist) -> dict:
         tracker.add_batch(batch)
     engine.train(True)
     row = tracker.reduce(dist.world_size, dist.device)
-    keep = [k for k in row if k == "loss" or "/" in k or k in ("nll", "log_odds_ratio", "pairs")]
+    keep = [k for k in row if k in ("loss", "nll", "log_odds_ratio", "pairs") or "/" in k]
     return {f"eval/{k}": row[k] for k in keep}
 
 
