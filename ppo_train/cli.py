@@ -71,9 +71,15 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
 def run(cfg: DictConfig) -> None:
     validate(cfg)
+    out_dir = HydraConfig.get().runtime.output_dir
+    if cfg.mode == "stats":  # dataset statistics and the ideal speedups; no model is loaded
+        from ppo_train.stats import run_stats
+
+        run_stats(cfg, out_dir)
+        return
     from ppo_train.train import train
 
-    train(cfg, HydraConfig.get().runtime.output_dir)
+    train(cfg, out_dir)
 
 
 def quiet_libraries() -> None:

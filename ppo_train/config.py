@@ -29,6 +29,18 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraSettings:
+    """LoRA through peft; on by default for layout=unmasked only by the user's choice."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    merge_on_export: bool = True  # also write the merged model to model/ (adapters go to adapter/)
+
+
+@dataclass
 class ModelConfig:
     # Hub id or local directory of a pretrained causal LM; null with `from_config` set.
     name_or_path: Optional[str] = None
@@ -43,6 +55,7 @@ class ModelConfig:
     # auto = flex on CUDA, sdpa on the CPU (FlexAttention has no CPU backward).
     attention: str = "auto"
     logits_chunk: int = 1024  # response tokens per chunk of the output projection
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -74,7 +87,10 @@ class DatasetConfig:
 
 @dataclass
 class LayoutConfig:
-    name: str = "shared"  # shared | paired
+    # shared: [P|R1..RK] with the exact mask; paired: K sequences [P|Ri], exact mask;
+    # unmasked: paired sequences packed with a causal mask only (no document mask), LoRA only.
+    name: str = "shared"
+    restart_positions: bool = True  # unmasked: positions restart per sequence (else run on along the row)
 
 
 @dataclass
@@ -146,7 +162,7 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    mode: str = "train"  # train
+    mode: str = "train"  # train | stats (dataset statistics; the benchmark is scripts/bench.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
@@ -169,7 +185,7 @@ CHOICES = {
                        "ultrafeedback"),
     "dataset.length_policy": ("truncate", "drop"),
     "dataset.on_invalid": ("error", "skip"),
-    "layout.name": ("shared", "paired"),
+    "layout.name": ("shared", "paired", "unmasked"),
     "packing.name": ("none", "ffd", "sorted"),
     "loss.name": ("dpo", "simpo", "orpo", "reward", "sft"),
     "loss.variant": ("sigmoid", "ipo", "robust", "hinge"),
@@ -179,7 +195,7 @@ CHOICES = {
     "trainer.on_nonfinite": ("error", "skip"),
     "trainer.zero_stage": (0, 1, 2, 3),
     "logging.wandb": ("disabled", "offline", "online"),
-    "mode": ("train",),
+    "mode": ("train", "stats"),
 }
 
 POSITIVE = (
@@ -205,7 +221,7 @@ def validate(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if _get(cfg, key) is None or _get(cfg, key) <= 0:
             problems.append(f"{key}={_get(cfg, key)!r}: expected a positive integer")
-    m, t, p, d = cfg.model, cfg.trainer, cfg.packing, cfg.dataset
+    m, t, p, d, loss = cfg.model, cfg.trainer, cfg.packing, cfg.dataset, cfg.loss
     if (m.name_or_path is None) == (m.from_config is None):
         problems.append("model: set exactly one of model.name_or_path and model.from_config")
     if m.from_config is not None and m.tokenizer is None:
@@ -222,7 +238,6 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"loss.beta={cfg.loss.beta}: expected > 0")
     if not 0 <= cfg.loss.label_smoothing < 0.5:
         problems.append(f"loss.label_smoothing={cfg.loss.label_smoothing}: expected 0 <= value < 0.5")
-    loss = cfg.loss
     if loss.label_smoothing and not (loss.name == "simpo" or (loss.name == "dpo" and loss.variant == "robust")):
         problems.append("loss.label_smoothing: only used by loss=dpo with loss.variant=robust, and by loss=simpo")
     if loss.name != "dpo" and loss.variant != "sigmoid":
@@ -259,8 +274,24 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"trainer.save_every={t.save_every}, trainer.keep_last={t.keep_last}: expected >= 0 and >= 1")
     if t.eval_every < 0:
         problems.append(f"trainer.eval_every={t.eval_every}: expected >= 0 (0 = at the end only)")
-    if cfg.layout.name == "paired" and m.attention == "flex" and p.name == "none":
-        pass  # allowed: a plain causal mask rendered as a BlockMask
+    if cfg.layout.name == "unmasked":
+        if loss.name in ("dpo", "reward"):
+            problems.append(
+                f"layout=unmasked with loss={loss.name}: the mask-free layout lets packed sequences see each "
+                "other, so log-probs and rewards are no longer exact, and "
+                + ("DPO compares them against an exact reference" if loss.name == "dpo" else
+                   "a reward model's scores must be exact") + "; use layout=shared (exact and faster) or "
+                "loss=sft/orpo/simpo")
+        if not m.lora.enabled:
+            problems.append("layout=unmasked: needs model.lora.enabled=true (LoRA on the query/value projections "
+                            "learns to ignore the other packed sequences)")
+        if p.name != "ffd":
+            problems.append(f"layout=unmasked with packing={p.name}: without ffd packing every sequence has its "
+                            "own row and the layout is just paired; use packing=ffd")
+    if cfg.layout.name != "unmasked" and not cfg.layout.restart_positions:
+        problems.append("layout.restart_positions: only used by layout=unmasked")
+    if m.lora.enabled and (m.lora.r <= 0 or m.lora.alpha <= 0 or not 0 <= m.lora.dropout < 1 or not m.lora.targets):
+        problems.append("model.lora: expected r > 0, alpha > 0, 0 <= dropout < 1 and at least one target")
     for key in ("dataset.path",):
         value = _get(cfg, key)
         if value and _looks_local(value) and not Path(value).exists():

@@ -157,8 +157,9 @@ class Engine:
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder}")
 
-    def export(self, out_dir: Path, tokenizer) -> None:
-        """Gather the (possibly ZeRO-3 partitioned) weights and write them with save_pretrained."""
+    def export(self, out_dir: Path, tokenizer, writer=None) -> None:
+        """Gather the (possibly ZeRO-3 partitioned) weights and write them with save_pretrained,
+        or hand them to `writer(state, out_dir)` on rank 0 (LoRA: adapters and merged model)."""
         model = self.module.model
         if self.t.zero_stage == 3:
             full = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
@@ -168,6 +169,9 @@ class Engine:
             return
         prefix = "model."
         state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        if writer is not None:
+            writer(state, out_dir)
+            return
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)

@@ -18,6 +18,7 @@ from ppo_train.data.collate import collate
 from ppo_train.data.packing import group_steps, plan_epoch
 from ppo_train.data.pipeline import prepare
 from ppo_train.engine import Engine, dtype_of, init_distributed
+from ppo_train.lora import apply_lora, export_lora
 from ppo_train.losses import LOSSES, NEEDS_REFERENCE, REWARD_MODEL
 from ppo_train.masks import build_mask, resolve_backend
 from ppo_train.metrics import MetricsWriter, StepMetrics, summary_table
@@ -68,6 +69,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     backend = resolve_backend(cfg.model.attention, dist.device)
     model = load_causal_lm(cfg.model, len(tokenizer), dtype_of(t.precision), backend, t.seed,
                            reward=is_reward, pad_token_id=pad_id)
+    if cfg.model.lora.enabled:
+        peft_model, model = apply_lora(model, cfg.model.lora, reward=is_reward)
+        if dist.is_main:
+            peft_model.print_trainable_parameters()
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -106,7 +111,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
             step_pairs = sum(len(units[u].pairs) for mb in group if mb is not None for u in mb.units)
             tracker = StepMetrics()
             for mb in group[dist.rank::dist.world_size]:
-                batch = collate(units, mb, pad_id, cfg.packing.pad_multiple).to(dist.device)
+                batch = collate(units, mb, pad_id, cfg.packing.pad_multiple, **collate_options(cfg)).to(dist.device)
                 mask = build_mask(batch.doc_ids, batch.segment_ids, backend)  # once per batch
                 policy = batch_logps(engine, batch, mask)
                 ref = reference.scores(batch, mask) if reference is not None else None
@@ -152,7 +157,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
                   file=sys.stderr)
         return writer.history
     if t.save_model:
-        engine.export(run_dir / "model", tokenizer)
+        writer_fn = None
+        if cfg.model.lora.enabled:
+            def writer_fn(state, out_dir):
+                fresh = load_causal_lm(cfg.model, len(tokenizer), dtype_of(t.precision), "sdpa", t.seed,
+                                       reward=is_reward, pad_token_id=pad_id)
+                export_lora(state, fresh, cfg.model.lora, out_dir, tokenizer, reward=is_reward)
+        engine.export(run_dir / "model", tokenizer, writer_fn)
     if dist.is_main:
         facts = {"run directory": run_dir, "steps": step, "wall seconds": f"{time.perf_counter() - start:.1f}",
                  **{k: v for k, v in data.report().items() if v}}
@@ -161,6 +172,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
 
         Console(stderr=True).print(summary_table(writer.history, facts))
     return writer.history
+
+
+def collate_options(cfg: DictConfig) -> dict:
+    """layout=unmasked: one causal document per row (no document or response mask)."""
+    return {"mask_documents": cfg.layout.name != "unmasked", "restart_positions": cfg.layout.restart_positions}
 
 
 def _finite_everywhere(values: torch.Tensor, dist) -> bool:
@@ -177,7 +193,8 @@ def evaluate(engine, units, reference, cfg, backend, pad_id, dist) -> dict:
     tracker = StepMetrics()
     plan = plan_epoch(units, cfg.packing, cfg.trainer.micro_batch_size, cfg.trainer.seed, 0)
     for group in group_steps(plan, dist.world_size):
-        batch = collate(units, group[dist.rank], pad_id, cfg.packing.pad_multiple).to(dist.device)
+        batch = collate(units, group[dist.rank], pad_id, cfg.packing.pad_multiple,
+                        **collate_options(cfg)).to(dist.device)
         mask = build_mask(batch.doc_ids, batch.segment_ids, backend)
         scores = batch_logps(engine, batch, mask)
         ref = reference.scores(batch, mask) if reference is not None else None

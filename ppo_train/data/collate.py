@@ -50,8 +50,14 @@ class PackedBatch:
         return PackedBatch(**moved)
 
 
-def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length: int = 128) -> PackedBatch:
-    """Lay out one micro-batch. `None` gives an empty micro-batch (one pad row, no responses)."""
+def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length: int = 128,
+            mask_documents: bool = True, restart_positions: bool = True) -> PackedBatch:
+    """Lay out one micro-batch. `None` gives an empty micro-batch (one pad row, no responses).
+
+    mask_documents=False (layout=unmasked): every real token of a row is one document with
+    segment 0, so the mask is plain causal across the packed sequences; restart_positions=False
+    then also lets the position ids run on along the row.
+    """
     rows = mb.rows if mb is not None else [[]]
     length = mb.row_length if mb is not None else empty_length
     members = mb.units if mb is not None else []
@@ -92,6 +98,10 @@ def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length:
                 last[g] = offset + start + size - 1
             col += n
         doc[r, col:] = next_doc  # padding: its own document, causal inside, never fully masked
+        if not mask_documents:
+            doc[r, :col], seg[r, :col] = 0, 0
+            if not restart_positions:
+                pos[r, :col] = np.arange(col)
     cat = lambda xs: torch.from_numpy(np.concatenate(xs)) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
     resp_unit = [units[u].uid for u in members for _ in range(units[u].num_responses)]
     resp_k = [k for u in members for k in range(units[u].num_responses)]

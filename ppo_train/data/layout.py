@@ -4,6 +4,8 @@
   every Ri restarts at |P|, so each response looks as if it followed the prompt alone.
   Segment ids: 0 for P, i for Ri (1-based); the mask lets Ri see only P and itself.
 - paired: K documents [P | Ri], each with positions from 0 (the usual format).
+- unmasked: the paired documents, packed under a causal mask only (see collate): cheaper
+  attention, inexact math; LoRA is expected to learn to ignore the neighbours.
 
 A unit is what the packer places: all of it lands in one micro-batch (and, under ffd,
 in one row), so a prompt's pairs are always scored together.
@@ -56,7 +58,7 @@ def build_unit(ex: TokenizedExample, uid: int, layout: str) -> Unit:
             seg += [k + 1] * len(r)
         doc = [0] * len(ids)
         bounds = [(0, len(ids))]
-    elif layout == "paired":
+    elif layout in ("paired", "unmasked"):  # unmasked differs only in the mask (collate)
         for k, r in enumerate(ex.response_ids):
             lo = len(ids)
             ids += ex.prompt_ids

@@ -111,6 +111,7 @@ def detect_format(columns: list[str], source: str) -> str:
     )
 
 
+ROLES = {"system", "user", "assistant", "tool"}
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "observation": "tool", "function_call": "assistant", "tool": "tool"}
 
@@ -122,6 +123,8 @@ def _messages(value: Any, where: str) -> list[dict]:
     for i, m in enumerate(value):
         if isinstance(m, dict) and "role" in m and "content" in m:
             role, content = m["role"], m["content"]
+            if role not in ROLES:
+                raise DataError(f"{where}[{i}].role: unknown role {role!r}; expected one of {sorted(ROLES)}")
         elif isinstance(m, dict) and "from" in m and "value" in m:
             role, content = _SHAREGPT_ROLES.get(m["from"]), m["value"]
             if role is None:
@@ -263,6 +266,10 @@ def normalize_row(row: dict, index: int, fmt: str, cfg: DictConfig, source: str,
             prompt = [{"role": "user", "content": prompt}]
     if isinstance(prompt, list) != isinstance(chosen, list) or isinstance(chosen, list) != isinstance(rejected, list):
         raise DataError(f"{where}: prompt, chosen and rejected mix strings and message lists")
+    if isinstance(chosen, list):
+        for name, resp in (("chosen", chosen), ("rejected", rejected)):
+            if resp[-1]["role"] != "assistant":
+                raise DataError(f"{where}.{name}: no final assistant turn (the last message is {resp[-1]['role']!r})")
     if chosen == rejected:
         raise DataError(f"{where}: chosen is identical to rejected")
     return PreferenceExample(index=index, prompt=prompt, responses=[chosen, rejected], pairs=[(0, 1)])

@@ -109,3 +109,46 @@ def test_bad_rows_name_file_row_and_field(tmp_path, row, needle):
     assert str(path) in str(err.value) and "row 1" in str(err.value) and needle in str(err.value)
     examples, report = load_examples(dcfg(path, format="preference", on_invalid="skip"))
     assert len(examples) == 1 and report.skipped == 1
+
+
+@pytest.mark.parametrize("row,needle", [
+    ({"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "robot", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "chosen[0].role: unknown role 'robot'"),
+    ({"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "user", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "chosen: no final assistant turn"),
+    ({"prompt": "p", "chosen": 5, "rejected": "b"}, "chosen: expected a string or a non-empty list"),
+])
+def test_bad_conversational_rows(tmp_path, row, needle):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([row]))
+    with pytest.raises(DataError) as err:
+        load_examples(dcfg(path, format="preference"))
+    assert f"{path} row 0" in str(err.value) and needle in str(err.value), str(err.value)
+
+
+def test_scored_lists_form_all_strict_pairs_and_count_ties(tmp_path, shared_data):
+    from ppo_train.data.sources import pairs_from_scores
+
+    pairs, ties = pairs_from_scores([3.0, 1.0, 3.0, 2.0])
+    assert sorted(pairs) == [(0, 1), (0, 3), (2, 1), (2, 3), (3, 1)] and ties == 1
+    rows = [{"prompt": "p", "responses": ["a", "b", "c"], "scores": [1, 1, 1]},
+            {"prompt": "q", "responses": ["a", "b", "c", "d", "e"], "scores": [5, 4, 4, 1, 0]}]
+    path = write_jsonl(tmp_path, rows)
+    examples, report = load_examples(dcfg(path, on_invalid="skip", max_responses=4))
+    assert report.tied_rows == 1 and report.capped_responses == 1 and report.tied_pairs == 1
+    assert len(examples) == 1 and len(examples[0].responses) == 4 and len(examples[0].pairs) == 5
+    alpaca, rep = load_examples(dcfg(shared_data / "alpaca_eval" / "ranked_k8_dev.jsonl", num_rows=10))
+    assert rep.kept == 10 and all(len(e.responses) == 8 for e in alpaca)
+    s = alpaca[0].scores
+    assert all(s[w] > s[l] for w, l in alpaca[0].pairs)
+    assert len(alpaca[0].pairs) + sum(s[i] == s[j] for i in range(8) for j in range(i + 1, 8)) == 28
+
+
+def test_pandalm_majority_and_ties(shared_data):
+    examples, report = load_examples(dcfg(shared_data / "pandalm" / "testset-v1.json", on_invalid="skip"))
+    raw = json.loads((shared_data / "pandalm" / "testset-v1.json").read_text())
+    row = raw[examples[0].index]
+    votes = [row[f"annotator{i}"] for i in (1, 2, 3)]
+    want = (0, 1) if votes.count(1) > votes.count(2) else (1, 0)
+    assert examples[0].pairs == [want] and report.tied_rows > 0
+    assert report.kept + report.skipped == report.rows == 999
