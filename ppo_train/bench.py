@@ -60,6 +60,7 @@ class BenchOptions:
     units_per_step: int = 16  # prompts per optimizer step
     num_units: int | None = None  # cap on the examples used (None = all prepared)
     repeats: int = 2  # timed passes per point; the fastest is reported
+    threads: int | None = None  # torch intra-op threads (None = torch's default)
     subprocess: bool = True  # one fresh process per point (honest peak memory)
     trl: bool = True  # try TRL's DPOTrainer as a baseline when trl is importable
 
@@ -96,10 +97,10 @@ def reset_peak_memory(device: torch.device) -> str:
     """Start a fresh peak; returns what the later peak covers."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return "timed pass (cuda max allocated)"
+        return "timed passes (cuda max allocated)"
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        return "timed pass (VmHWM after reset)"
+        return "timed passes (VmHWM reset after the warm-up)"
     except OSError:
         return "whole process (VmHWM, no reset)"
 
@@ -242,6 +243,8 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
 def run_point(overrides: list[str], layout: str, packer: str, opts: BenchOptions) -> dict:
     """Warm up, then time full passes over the same units (the fastest of `repeats` counts:
     interference from other work only ever slows a pass down); one result row."""
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     ctx = setup_point(overrides, layout, packer, opts)
     device = ctx["device"]
     warm = Tally()
@@ -483,6 +486,7 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--units-per-step", type=int, default=16, help="prompts per optimizer step")
     ap.add_argument("--num-units", type=int, default=None, help="cap on the prompts in the timed pass")
     ap.add_argument("--repeats", type=int, default=2, help="timed passes per point (the fastest counts)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per point (default: torch's)")
     ap.add_argument("--big", action="store_true", help="a ~50M-parameter Llama (hidden 512, 8 layers), fewer rows")
     ap.add_argument("--in-process", action="store_true", help="no subprocess per point (peak memory then shared)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline even when trl is installed")
@@ -496,7 +500,8 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = _merge_overrides(defaults + (BIG_MODEL if args.big else []), args.overrides)
     grid = [tuple(item.split(":")) for item in args.grid.split(",")] if args.grid else list(GRID)
     opts = BenchOptions(grid=grid, warmup_steps=args.warmup, units_per_step=args.units_per_step,
-                        num_units=args.num_units, repeats=args.repeats, subprocess=not args.in_process,
+                        num_units=args.num_units, repeats=args.repeats, threads=args.threads,
+                        subprocess=not args.in_process,
                         trl=not args.no_trl)
     start = time.perf_counter()
     result = run_grid(overrides, opts)

@@ -48,6 +48,17 @@ def random_examples(n: int, k: int, vocab: int = 97, seed: int = 0, prompt=(3, 4
     return out
 
 
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env() -> dict:
+    """Environment for a pptrain subprocess: without the distributed variables that an
+    in-process train() left in this process (its port is taken by this process's store)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -3,6 +3,8 @@ with two accumulation micro-batches of the same data. Tolerance: 1e-6 relative (
 
 from __future__ import annotations
 
+from tests.conftest import child_env  # noqa: E402
+
 import json
 import os
 import shutil
@@ -25,7 +27,7 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
 def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
     two = tmp_path / "two"
-    env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    env = child_env()
     torchrun = str(Path(sys.executable).parent / "torchrun")
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "ppo_train", f"hydra.run.dir={two}", *COMMON,
                            "trainer.grad_accum=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -4,6 +4,8 @@ command line wins over a recipe; paired and shared layouts train identically."""
 
 from __future__ import annotations
 
+from tests.conftest import child_env  # noqa: E402
+
 import json
 import os
 import subprocess
@@ -35,7 +37,7 @@ def offline_overrides(recipe: str) -> list[str]:
 
 
 def run_pptrain(run_dir: Path, *overrides: str, timeout: int = 600) -> list[dict]:
-    env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    env = child_env()
     args = [sys.executable, "-m", "ppo_train", f"hydra.run.dir={run_dir}", "logging.progress=false", *overrides]
     proc = subprocess.run(args, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"pptrain {' '.join(overrides)} failed:\n{proc.stderr[-4000:]}"

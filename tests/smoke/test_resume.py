@@ -3,6 +3,8 @@ losses identical (bitwise, CPU, one rank) to an uninterrupted run; SIGTERM saves
 
 from __future__ import annotations
 
+from tests.conftest import child_env  # noqa: E402
+
 import json
 import os
 import signal
@@ -18,7 +20,7 @@ ARGS = ["dataset.num_rows=160", "trainer.max_steps=8", "trainer.save_every=2", "
 
 
 def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    env = child_env()
     args = [sys.executable, "-m", "ppo_train", f"hydra.run.dir={run_dir}", "logging.progress=false", *ARGS, *overrides]
     return subprocess.Popen(args, cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

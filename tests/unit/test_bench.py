@@ -23,7 +23,8 @@ GRID = [("paired", "none"), ("shared", "ffd")]
 
 @pytest.fixture(scope="module")
 def result():
-    opts = BenchOptions(grid=GRID, warmup_steps=1, units_per_step=4, num_units=12, subprocess=False, trl=False)
+    opts = BenchOptions(grid=GRID, warmup_steps=1, units_per_step=4, num_units=12, repeats=1, subprocess=False,
+                        trl=False)
     return run_grid(SMALL, opts, log=lambda *_: None)
 
 
@@ -34,6 +35,7 @@ def test_structure_and_throughput(result):
         assert p["units"] == 12, p  # every point trains the same prompts in its timed pass
         assert p["samples_per_s"] > 0 and p["real_tokens_per_s"] > 0 and p["seconds"] > 0, p
         assert p["steps"] >= 1 and p["warmup_steps"] == 1 and p["mask_s_per_step"] >= 0
+        assert p["pass_seconds"] == [round(p["seconds"], 3)]
         assert p["peak_memory_mib"] is None or p["peak_memory_mib"] > 0
         assert p["last_step_loss"] == p["last_step_loss"], "non-finite loss"  # NaN != NaN
         assert p["ideal_prefix"] == (result["stats"]["ideal_speedup"] if p["layout"] == "shared" else 1.0)
