@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ppo_train.logps import ResponseLogps
+from ppo_train.losses.common import pair_metrics
 
 
 def dpo_loss(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tensor, cfg) -> tuple[torch.Tensor, dict]:
@@ -46,14 +47,5 @@ def dpo_loss(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tenso
     else:
         raise ValueError(f"loss.variant={cfg.variant!r}: expected sigmoid, ipo, robust or hinge")
     # implicit rewards from the log-probs the loss used (per-token means for ipo, as TRL logs them)
-    rewards_chosen = beta * chosen_ratio.detach()
-    rewards_rejected = beta * rejected_ratio.detach()
-    metrics = {
-        "rewards/chosen": rewards_chosen,
-        "rewards/rejected": rewards_rejected,
-        "rewards/margins": rewards_chosen - rewards_rejected,
-        "rewards/accuracies": (rewards_chosen > rewards_rejected).float(),
-        "logps/chosen": policy.sums[w].detach(),
-        "logps/rejected": policy.sums[l].detach(),
-    }
+    metrics = pair_metrics(beta * chosen_ratio.detach(), beta * rejected_ratio.detach(), policy, w, l)
     return loss, metrics

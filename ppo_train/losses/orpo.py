@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ppo_train.logps import ResponseLogps
+from ppo_train.losses.common import pair_metrics
 
 # m = 0 (probability 1, e.g. a fully memorized or empty response) makes log(1 - exp(m))
 # = -inf and its gradient inf -> nan. Capping m at -1e-12 keeps both finite and changes
@@ -57,16 +58,6 @@ def orpo_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: tor
     ratio = (m_w - log1mexp(m_w)) - (m_l - log1mexp(m_l))
     nll = -m_w
     loss = nll - lam * F.logsigmoid(ratio)
-    rewards_chosen = lam * m_w.detach()
-    rewards_rejected = lam * m_l.detach()
-    metrics = {
-        "rewards/chosen": rewards_chosen,
-        "rewards/rejected": rewards_rejected,
-        "rewards/margins": rewards_chosen - rewards_rejected,
-        "rewards/accuracies": (rewards_chosen > rewards_rejected).float(),
-        "logps/chosen": policy.sums[w].detach(),
-        "logps/rejected": policy.sums[l].detach(),
-        "nll": nll.detach(),
-        "log_odds_ratio": ratio.detach(),
-    }
+    metrics = pair_metrics(lam * m_w.detach(), lam * m_l.detach(), policy, w, l)
+    metrics.update({"nll": nll.detach(), "log_odds_ratio": ratio.detach()})
     return loss, metrics

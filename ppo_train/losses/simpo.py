@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ppo_train.logps import ResponseLogps
+from ppo_train.losses.common import pair_metrics
 
 
 def simpo_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: torch.Tensor,
@@ -36,15 +37,5 @@ def simpo_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: to
     means = policy.means  # length normalization is what makes SimPO's reward reference-free
     z = beta * (means[w] - means[l]) - gamma
     loss = -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps
-    rewards_chosen = beta * means[w].detach()
-    rewards_rejected = beta * means[l].detach()
-    metrics = {
-        "rewards/chosen": rewards_chosen,
-        "rewards/rejected": rewards_rejected,
-        "rewards/margins": rewards_chosen - rewards_rejected,
-        "rewards/accuracies": (rewards_chosen > rewards_rejected).float(),
-        # sums, not means: the same quantity dpo_loss logs, so runs compare on one scale
-        "logps/chosen": policy.sums[w].detach(),
-        "logps/rejected": policy.sums[l].detach(),
-    }
+    metrics = pair_metrics(beta * means[w].detach(), beta * means[l].detach(), policy, w, l)
     return loss, metrics
