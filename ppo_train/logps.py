@@ -32,21 +32,32 @@ def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Mod
 
 
 def token_logps(hidden: torch.Tensor, pred_index: torch.Tensor, targets: torch.Tensor,
-                head: torch.nn.Module, chunk: int = 1024) -> torch.Tensor:
+                head: torch.nn.Module, chunk: int = 1024, num_chunks: int | None = None) -> torch.Tensor:
     """hidden (B, L, H), pred_index (T,) flat positions, targets (T,) -> (T,) fp32 log-probs
-    (log-softmax in fp32 whatever the model dtype)."""
+    (log-softmax in fp32 whatever the model dtype).
+
+    `num_chunks` >= ceil(T / chunk) makes exactly that many head calls: the extra ones run on
+    one real row and add 0 to the result. Under ZeRO-3 every head call gathers the head's
+    weights collectively, so all ranks must make the same number of calls (train.py passes the
+    maximum over ranks); otherwise ranks with fewer response tokens would wait forever.
+    """
     flat = hidden.reshape(-1, hidden.shape[-1])
-    parts = []
-    for start in range(0, pred_index.shape[0], chunk):
-        h = flat.index_select(0, pred_index[start:start + chunk])
-        t = targets[start:start + chunk]
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_token_logps, h, t, head, use_reentrant=False))
+    n = pred_index.shape[0]
+    own = -(-n // chunk)
+    parts, extra = [], None
+    for i in range(max(own, num_chunks or 0)):
+        if i < own:
+            h, t = flat.index_select(0, pred_index[i * chunk:(i + 1) * chunk]), targets[i * chunk:(i + 1) * chunk]
         else:
-            parts.append(_token_logps(h, t, head))
-    if not parts:
-        return flat.new_zeros(0, dtype=torch.float32)
-    return torch.cat(parts)
+            h, t = flat[:1], targets.new_zeros(1)
+        out = checkpoint(_token_logps, h, t, head, use_reentrant=False) if torch.is_grad_enabled() \
+            else _token_logps(h, t, head)
+        if i < own:
+            parts.append(out)
+        else:
+            extra = 0.0 * out.sum() if extra is None else extra + 0.0 * out.sum()
+    result = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
+    return result if extra is None else result + extra
 
 
 def sum_per_response(values: torch.Tensor, owner: torch.Tensor, num_responses: int) -> ResponseLogps:

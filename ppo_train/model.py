@@ -117,6 +117,14 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return body, head
 
 
+def _max_over_ranks(value: int, device) -> int:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 class PolicyModule(torch.nn.Module):
     """Wraps a causal LM: forward(batch tensors, mask) -> per-response log-prob sums and counts.
 
@@ -134,12 +142,13 @@ class PolicyModule(torch.nn.Module):
         body, head = decoder_and_head(self.model)
         hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                       use_cache=False).last_hidden_state
-        lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk)
+        # the same number of head calls on every rank (ZeRO-3 gathers the head at each call);
+        # at least one, so an empty micro-batch keeps the head in the graph too
+        chunks = _max_over_ranks(max(1, -(-pred_index.numel() // self.logits_chunk)), hidden.device)
+        lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk, chunks)
         out = sum_per_response(lps, target_response, num_responses)
-        if pred_index.numel() == 0 and torch.is_grad_enabled():
-            # an empty micro-batch: keep every weight in the graph (ZeRO-3 expects gradients)
-            anchor = 0.0 * head(hidden[:, :1]).double().sum()
-            return out.sums + anchor, out.counts
+        if pred_index.numel() == 0:
+            return out.sums + lps.sum().double(), out.counts  # lps holds the 0-valued head term
         return out.sums, out.counts
 
 
@@ -160,9 +169,11 @@ class RewardModule(torch.nn.Module):
         hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                       use_cache=False).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
-        rewards = self.model.score(flat.index_select(0, last_index)).squeeze(-1).double()
-        if last_index.numel() == 0 and torch.is_grad_enabled():
-            rewards = rewards + 0.0 * self.model.score(flat[:1]).double().sum()
+        # exactly one head call on every rank, empty micro-batch included (ZeRO-3 gathers per call)
+        rows = last_index if last_index.numel() else last_index.new_zeros(1)
+        rewards = self.model.score(flat.index_select(0, rows)).squeeze(-1).double()
+        if last_index.numel() == 0:
+            rewards = rewards[:0] + 0.0 * rewards.sum()
         return rewards, torch.ones_like(rewards)
 
 
