@@ -183,7 +183,7 @@ def train_steps(ctx: dict, steps: list[list], tally: Tally) -> None:
             tally.mask_s += _sync(device) - t1
             tally.collate_s += t1 - t0
             policy = batch_logps(ctx["module"], batch, mask)
-            ref = ctx["reference"].lookup(batch) if ctx["reference"] is not None else None
+            ref = ctx["reference"].scores(batch) if ctx["reference"] is not None else None
             per_pair, _ = ctx["loss_fn"](policy, ref, batch.pairs, cfg.loss)
             loss = per_pair.sum() / max(step_pairs, 1)
             loss.backward()

@@ -30,9 +30,8 @@ class ReferenceTable:
         self.sums, self.counts, self.fingerprint = sums, counts, fingerprint  # (U, Kmax)
 
     def scores(self, batch: PackedBatch, mask=None) -> ResponseLogps:
-        return self.lookup(batch)
-
-    def lookup(self, batch: PackedBatch) -> ResponseLogps:
+        """The batch's reference values, looked up by (unit, response); `mask` is unused (it
+        matches LiveReference.scores)."""
         u, k = batch.response_unit.cpu(), batch.response_k.cpu()
         device = batch.input_ids.device
         return ResponseLogps(self.sums[u, k].to(device), self.counts[u, k].to(device))

@@ -207,11 +207,15 @@ def evaluate(engine, units, reference, cfg, backend, pad_id, dist) -> dict:
     return {f"eval/{k}": row[k] for k in keep}
 
 
-def _live_reference(cfg, tokenizer, backend, dist) -> LiveReference:
-    """A frozen copy of the initial policy (same seed, same weights) or of reference.name_or_path."""
+def _reference_module(cfg, tokenizer, backend) -> PolicyModule:
+    """A fresh copy of the initial policy (same seed, same weights) or of reference.name_or_path."""
     ref_model = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision), backend,
                                cfg.trainer.seed, cfg.reference.name_or_path, cfg.reference.gguf_file)
-    return LiveReference(PolicyModule(ref_model, cfg.model.logits_chunk), cfg.trainer, dist)
+    return PolicyModule(ref_model, cfg.model.logits_chunk)
+
+
+def _live_reference(cfg, tokenizer, backend, dist) -> LiveReference:
+    return LiveReference(_reference_module(cfg, tokenizer, backend), cfg.trainer, dist)
 
 
 def _reference(cfg, engine, units, plan, backend, pad_id, dist, run_dir, tokenizer, split) -> ReferenceTable:
@@ -226,9 +230,7 @@ def _reference(cfg, engine, units, plan, backend, pad_id, dist, run_dir, tokeniz
     if cfg.reference.name_or_path is None:
         module = engine.engine  # the initial policy, before any update
     else:
-        ref_model = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision), backend,
-                                   cfg.trainer.seed, cfg.reference.name_or_path, cfg.reference.gguf_file)
-        module = PolicyModule(ref_model, cfg.model.logits_chunk).to(dist.device)
+        module = _reference_module(cfg, tokenizer, backend).to(dist.device)
     table = compute_reference(module, units, plan, backend, pad_id, dist.device, dist.rank, dist.world_size, fp)
     if cfg.reference.cache and dist.is_main:
         table.save(run_dir, split)
