@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_train.config import ConfigError, register_resolvers, register_schemas, validate
+from ppo_train.config import ConfigError, config_problems, register_resolvers, register_schemas, validate
 from ppo_train.paths import config_dir, recipe_dirs
 
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(?:=(\d+))?$")
@@ -69,6 +69,23 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
         return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
 
 
+def preflight(args: list[str]) -> list[str]:
+    """Before Hydra composes: unknown keys, groups and options, wrong types (each with the
+    nearest valid name), and, when there are any, the value problems of the config that the
+    remaining overrides compose, so that one message lists everything (sweeps: first values)."""
+    from hydra.errors import HydraException
+
+    from ppo_train.config_keys import command_line_problems
+
+    problems, good = command_line_problems(args)
+    if problems:
+        try:
+            problems += config_problems(compose(good))
+        except (HydraException, ValueError) as err:  # composition itself failed: Hydra says why
+            problems.append(str(err.__cause__ or err).splitlines()[0])
+    return problems
+
+
 def run(cfg: DictConfig) -> None:
     validate(cfg)
     out_dir = HydraConfig.get().runtime.output_dir
@@ -105,6 +122,10 @@ def main() -> None:
     register_resolvers()
     register_schemas()
     register_recipes()
+    problems = preflight(sys.argv[1:])
+    if problems:
+        print(f"pptrain: {ConfigError(problems)}", file=sys.stderr)
+        sys.exit(2)
 
     @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> None:

@@ -210,8 +210,17 @@ def _get(cfg: DictConfig, dotted: str) -> Any:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check values and combinations; raise one ConfigError listing every problem."""
-    problems: list[str] = []
+    """Check keys, values and combinations; raise one ConfigError listing every problem."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every problem of a composed config: unknown keys, values out of range, bad combinations."""
+    from ppo_train.config_keys import unknown_keys
+
+    problems: list[str] = unknown_keys(cfg)
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -292,12 +301,13 @@ def validate(cfg: DictConfig) -> None:
         problems.append("layout.restart_positions: only used by layout=unmasked")
     if m.lora.enabled and (m.lora.r <= 0 or m.lora.alpha <= 0 or not 0 <= m.lora.dropout < 1 or not m.lora.targets):
         problems.append("model.lora: expected r > 0, alpha > 0, 0 <= dropout < 1 and at least one target")
-    for key in ("dataset.path",):
+    for key in ("dataset.path", "dataset.eval_path", "model.name_or_path", "model.tokenizer",
+                "reference.name_or_path", "trainer.resume"):
         value = _get(cfg, key)
-        if value and _looks_local(value) and not Path(value).exists():
-            problems.append(f"{key}={value!r}: file not found")
-    if problems:
-        raise ConfigError(problems)
+        if value and value != "auto" and _looks_local(value) and not Path(value).expanduser().exists():
+            problems.append(f"{key}={value!r}: no such file or folder (resolved to "
+                            f"{str(Path(value).expanduser().resolve())!r}); a hub id has the form org/name")
+    return problems
 
 
 def _looks_local(path: str) -> bool:

@@ -96,3 +96,19 @@ def test_paired_and_shared_layouts_train_identically(tmp_path):
             assert abs(p[key] - s[key]) <= 1e-4 * max(1.0, abs(p[key])), f"step {p['step']} {key}: {p[key]} vs {s[key]}"
     assert abs(paired[1]["loss"] - 0.6931471805599453) > 1e-3, "the update did not move the loss"
     assert shared[0]["tokens"] < paired[0]["tokens"], (shared[0]["tokens"], paired[0]["tokens"])
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_has_no_unknown_key_or_option(recipe):
+    from ppo_train.config_keys import recipe_problems
+
+    assert recipe_problems(recipe) == []
+
+
+def test_hydra_sweep_runs_each_point_in_its_own_directory(tmp_path):
+    args = [sys.executable, "-m", "ppo_train", "-m", "mode=stats", "packing=ffd,none", "dataset.num_rows=40",
+            "logging.progress=false"]
+    proc = subprocess.run(args, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    points = sorted(p.parent.name for p in (tmp_path / "multirun" / "tiny_dpo").glob("*/stats.json"))
+    assert len(points) == 2 and points[0].endswith("packing=ffd") and points[1].endswith("packing=none"), points

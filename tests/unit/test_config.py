@@ -7,7 +7,7 @@ import os
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from ppo_train.cli import compose, strip_launcher_args
+from ppo_train.cli import compose, preflight, strip_launcher_args
 from ppo_train.config import ConfigError, validate
 
 
@@ -51,3 +51,90 @@ def test_launcher_local_rank_is_moved_to_the_environment(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK")
     assert strip_launcher_args(["--local-rank", "1", "packing=ffd"]) == ["packing=ffd"]
     assert os.environ["LOCAL_RANK"] == "1"
+
+
+# --- unknown keys, groups, options and types: all listed at once, each with the nearest name ---
+
+@pytest.mark.parametrize("override, named, suggested", [
+    ("loss.bta=0.2", "loss.bta", "loss.beta"),                            # a typo of a sibling
+    ("trainer.learning_rate=1e-5", "trainer.learning_rate", "trainer.lr"),  # what TRL calls it
+    ("trainer.lerning_rate=1e-5", "trainer.lerning_rate", "trainer.lr"),    # a typo of that
+    ("trainer.beta=0.2", "trainer.beta", "loss.beta"),                    # the key lives in another group
+    ("trainr.seed=3", "trainr.seed", "trainer.seed"),                     # a misspelt section
+    ("modl.lora.rr=4", "modl.lora.rr", "model.lora.r"),
+    ("packng=ffd", "packng", "packing"),                                  # a misspelt group
+    ("+trainer.gradient_accumulation_steps=4", "trainer.gradient_accumulation_steps", "trainer.grad_accum"),
+])
+def test_unknown_key_names_the_key_and_the_nearest_valid_one(override, named, suggested):
+    problems = preflight([override])
+    assert any(p.startswith(f"{named}: unknown key") and f"did you mean {suggested!r}" in p for p in problems), problems
+
+
+def test_unknown_group_option_and_recipe_are_named_with_a_suggestion():
+    problems = preflight(["packing=fdd", "recipe=tiny_dpoo"])
+    assert any("packing='fdd'" in p and "did you mean 'ffd'" in p for p in problems), problems
+    assert any("recipe='tiny_dpoo'" in p and "did you mean 'tiny_dpo'" in p for p in problems), problems
+
+
+def test_wrong_types_and_value_problems_are_listed_together():
+    problems = preflight(["trainer.lr=fast", "trainer.epochs=two", "loss.bta=1", "loss.beta=-1",
+                          "packing.name=fdd", "trainer.micro_batch_size=0"])
+    text = "\n".join(problems)
+    assert "trainer.lr='fast': expected a number" in text
+    assert "trainer.epochs='two': expected an integer" in text
+    assert "loss.bta: unknown key" in text
+    # the remaining overrides were composed and validated: their value problems come too
+    assert "loss.beta=-1" in text and "trainer.micro_batch_size=0" in text and "did you mean 'ffd'" in text
+
+
+def test_sweep_values_are_each_checked():
+    problems = preflight(["-m", "loss.beta=0.1,abc", "packing=ffd,fdd"])
+    assert any("loss.beta='abc'" in p for p in problems) and any("packing='fdd'" in p for p in problems)
+    assert preflight(["-m", "loss.beta=0.1,0.2", "packing=ffd,none"]) == []
+
+
+def test_a_valid_command_line_has_no_problem_and_free_form_keys_pass():
+    assert preflight(["packing=none", "loss=simpo", "model.from_config.num_hidden_layers=1",
+                      "+model.from_config.rope_theta=5000", "hydra.verbose=true", "--cfg", "job"]) == []
+
+
+def test_deleting_a_schema_key_is_refused():
+    assert any(p.startswith("~loss.gamma:") for p in preflight(["~loss.gamma"]))
+
+
+def test_added_key_is_caught_in_the_composed_config_too():
+    with pytest.raises(ConfigError, match=r"trainer.foo: unknown key"):
+        validate(compose(["+trainer.foo=1"]))
+
+
+def test_recipe_file_problems_name_the_file(tmp_path, monkeypatch):
+    (tmp_path / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /packing: fdd\n  - override /los: dpo\n"
+        "trainer:\n  learning_rate: 1.0e-5\nloss:\n  betta: 0.2\n")
+    monkeypatch.setenv("PPTRAIN_RECIPES", str(tmp_path))
+    text = "\n".join(preflight(["recipe=mine"]))
+    where = f"in recipe {str(tmp_path / 'mine.yaml')!r}"
+    assert f"packing='fdd' {where}" in text and "did you mean 'ffd'" in text
+    assert f"override /los {where}: no such config group" in text
+    assert f"trainer.learning_rate: unknown key {where} (did you mean 'trainer.lr'?)" in text
+    assert f"loss.betta: unknown key {where} (did you mean 'loss.beta'?)" in text
+
+
+@pytest.mark.parametrize("key", ["model.name_or_path", "model.tokenizer", "reference.name_or_path",
+                                 "dataset.eval_path", "trainer.resume"])
+def test_local_paths_in_the_config_are_checked(key):
+    with pytest.raises(ConfigError, match=rf"{key}='./no/such/place': no such file or folder"):
+        validate(compose([f"{key}=./no/such/place"]))
+
+
+def test_command_line_exits_2_with_the_list_before_any_model_loads(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import child_env
+
+    out = subprocess.run([sys.executable, "-m", "ppo_train", "trainer.lerning_rate=1e-5", "packing=fdd"],
+                         cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "2 problem(s)" in out.stderr and "did you mean 'trainer.lr'" in out.stderr, out.stderr
+    assert not (tmp_path / "outputs").exists()
