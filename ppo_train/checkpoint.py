@@ -8,13 +8,17 @@ Layout of `<run>/checkpoints/step-<N>/`:
   COMPLETE       written last; a folder without it is an interrupted save and is ignored
 
 Every save goes to `tmp-step-<N>` and is renamed into place only when complete, so a crash
-mid-save leaves the previous checkpoint whole; the oldest beyond `trainer.keep_last` are removed.
+mid-save leaves the previous checkpoint whole; the oldest beyond `trainer.keep_last` are removed
+only after the new one is in place. A save that fails (disk full, permissions) says why on every
+rank and leaves the earlier checkpoints as they were.
 The folder must be on a file system that every rank sees (multi-node: a shared one).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import re
 import shutil
@@ -22,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ppo_train.errors import WRITE_ERRORS, SaveFailed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -73,27 +79,94 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(engine, run_dir: Path, step: int, epoch: int, extra: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+    """Collective: every rank calls it. Returns the final checkpoint folder.
+
+    A save that cannot be written (no space, no permission, an I/O error) removes its
+    `tmp-step-N` folder, leaves the previous checkpoints untouched and raises SaveFailed on
+    every rank, naming the folder and the reason. Free space is checked first against the size
+    of the newest checkpoint (or 12 bytes per parameter), so a full disk is found before any
+    rank starts writing; an error inside DeepSpeed's own collective save on one rank only
+    cannot be caught on the others (they wait in DeepSpeed's barrier until the timeout).
+    """
     dist = engine.dist
     root = checkpoint_root(run_dir)
     final, tmp = root / f"step-{step}", root / f"tmp-step-{step}"
-    if dist.is_main:
+    previous = complete_checkpoints(run_dir)
+
+    def prepare() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    engine.barrier()
-    engine.save_checkpoint(tmp / "ds")
-    engine.barrier()
-    if dist.is_main:
+        need = _folder_bytes(previous[-1]) if previous else 12 * engine.num_parameters()
+        free = shutil.disk_usage(tmp).free
+        if free < need:
+            raise OSError(errno.ENOSPC, f"No space left for the checkpoint: it needs about {_size(need)}, "
+                                        f"{_size(free)} free on that file system")
+
+    def finish() -> None:
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, **extra}, indent=2))
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "COMPLETE").write_text("ok\n")
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+
+    error = _agree(_attempt(prepare) if dist.is_main else None, dist)
+    if error is None:
+        error = _agree(_attempt(lambda: engine.save_checkpoint(tmp / "ds")), dist)
+    if error is None:
+        error = _agree(_attempt(finish) if dist.is_main else None, dist)
+    if error is not None:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"
+        raise SaveFailed(f"could not save the checkpoint of step {step} to {final}: {error} ({diagnose(root)}); "
+                         f"{kept}. Free space or fix the permissions, then rerun with trainer.resume=auto")
+    if dist.is_main:
         for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     engine.barrier()
     return final
+
+
+def _attempt(action) -> str | None:
+    """Run `action`; None on success, else the reason (OSError and its kin: disk, permissions)."""
+    try:
+        action()
+    except WRITE_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _agree(error: str | None, dist) -> str | None:
+    """Every rank learns the first rank's error (a collective: it is also the barrier)."""
+    if dist.world_size == 1:
+        return error
+    errors: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def diagnose(folder: Path) -> str:
+    """What a failed write's own message may hide (torch.save reports a full disk as a position
+    mismatch): the free space, whether the folder is writable, a file-size limit (ulimit -f)."""
+    import resource
+
+    where = next((p for p in [folder, *folder.parents] if p.exists()), Path("/"))
+    facts = [f"checked after the failure: {_size(shutil.disk_usage(where).free)} free at {where}"]
+    if not os.access(where, os.W_OK):
+        facts.append(f"{where} is not writable by this user")
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        facts.append(f"a file-size limit (ulimit -f) of {_size(soft)} is set")
+    return ", ".join(facts)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def load(engine, path: Path) -> dict:

@@ -16,7 +16,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_train.config import ConfigError, config_problems, register_resolvers, register_schemas, validate
+from ppo_train.config import config_problems, register_resolvers, register_schemas, validate
+from ppo_train.errors import ConfigError, PptrainError
 from ppo_train.paths import config_dir, recipe_dirs
 
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(?:=(\d+))?$")
@@ -131,9 +132,11 @@ def main() -> None:
     def _main(cfg: DictConfig) -> None:
         try:
             run(cfg)
-        except ConfigError as err:
-            print(f"pptrain: {err}", file=sys.stderr)
-            sys.exit(2)
+        except PptrainError as err:  # the user's to fix: the message says what and where
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+            print(f"pptrain: {rank}{err}", file=sys.stderr)
+            sys.exit(err.exit_code)
 
     _main()
 

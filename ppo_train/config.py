@@ -16,16 +16,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ppo_train.errors import ConfigError  # noqa: F401  (re-exported: ppo_train.config.ConfigError)
 from ppo_train.paths import asset_path, shared_data_dir, smollm2_dir
-
-
-class ConfigError(ValueError):
-    """One error listing every problem found in a composed config."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in the config:\n{lines}")
 
 
 @dataclass

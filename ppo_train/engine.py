@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from ppo_train.errors import WRITE_ERRORS, SaveFailed
+
 
 @dataclass
 class DistInfo:
@@ -148,6 +150,10 @@ class Engine:
         if self.dist.world_size > 1:
             torch.distributed.barrier()
 
+    def num_parameters(self) -> int:
+        """All parameters, also those partitioned away by ZeRO-3 (their full size is ds_numel)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters())
+
     def save_checkpoint(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag="state")
 
@@ -169,13 +175,25 @@ class Engine:
             return
         prefix = "model."
         state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-        if writer is not None:
-            writer(state, out_dir)
-            return
         tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        try:
+            if writer is not None:
+                writer(state, out_dir)
+                return
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            tmp.rename(out_dir)
+        except WRITE_ERRORS as err:  # disk full, permissions: say so, keep what exists
+            for name in (out_dir.name, "adapter"):  # the partial folders of this export (LoRA: both)
+                shutil.rmtree(out_dir.with_name(name + ".tmp"), ignore_errors=True)
+            from ppo_train.checkpoint import complete_checkpoints, diagnose
+
+            found = complete_checkpoints(out_dir.parent)
+            kept = f"the newest checkpoint {found[-1]} is intact" if found else "no checkpoint was saved"
+            raise SaveFailed(f"could not write the model to {out_dir}: {type(err).__name__}: {err} "
+                             f"({diagnose(out_dir.parent)}); {kept}. "
+                             "Free space or fix the permissions; rerunning with trainer.resume=auto continues "
+                             "from that checkpoint") from err

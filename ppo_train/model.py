@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer)
 
+from ppo_train.errors import ModelLoadError  # noqa: F401  (re-exported)
 from ppo_train.logps import ResponseLogps, sum_per_response, token_logps
 
 FLEX = "pptrain_flex"
@@ -44,10 +45,6 @@ AttentionInterface.register(FLEX, flex_attention_forward)
 
 def attn_implementation(backend: str) -> str:
     return FLEX if backend == "flex" else "sdpa"
-
-
-class ModelLoadError(RuntimeError):
-    pass
 
 
 def load_tokenizer(cfg: DictConfig):

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from ppo_train.data.collate import PackedBatch, collate
 from ppo_train.data.layout import Unit
 from ppo_train.data.packing import MicroBatch, group_steps
+from ppo_train.errors import WRITE_ERRORS
 from ppo_train.logps import ResponseLogps
 from ppo_train.masks import build_mask
 from ppo_train.model import batch_logps
@@ -38,8 +39,12 @@ class ReferenceTable:
 
     def save(self, run_dir: Path, split: str = "train") -> None:
         tmp = run_dir / (_file(split) + ".tmp")
-        save_file({"sums": self.sums, "counts": self.counts}, str(tmp), metadata={"fingerprint": self.fingerprint})
-        tmp.rename(run_dir / _file(split))
+        try:
+            save_file({"sums": self.sums, "counts": self.counts}, str(tmp), metadata={"fingerprint": self.fingerprint})
+            tmp.rename(run_dir / _file(split))
+        except WRITE_ERRORS:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, run_dir: Path, fingerprint: str, split: str = "train") -> "ReferenceTable | None":

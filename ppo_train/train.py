@@ -18,6 +18,7 @@ from ppo_train.data.collate import collate
 from ppo_train.data.packing import group_steps, plan_epoch
 from ppo_train.data.pipeline import prepare
 from ppo_train.engine import Engine, dtype_of, init_distributed
+from ppo_train.errors import WRITE_ERRORS, NonFiniteLoss
 from ppo_train.lora import apply_lora, export_lora
 from ppo_train.losses import LOSSES, NEEDS_REFERENCE, REWARD_MODEL
 from ppo_train.masks import build_mask, resolve_backend
@@ -119,7 +120,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
                 if not _finite_everywhere(per_pair, dist):
                     if t.on_nonfinite == "error":
                         ids = sorted(data.examples[u].index for m in group if m for u in m.units)
-                        raise FloatingPointError(
+                        raise NonFiniteLoss(
                             f"non-finite loss at step {step + 1} (source rows {ids}); the last checkpoint is "
                             "intact; trainer.on_nonfinite=skip drops such micro-batches instead")
                     # every rank skips together (the flag is all-reduced); an empty batch's zero
@@ -233,5 +234,9 @@ def _reference(cfg, engine, units, plan, backend, pad_id, dist, run_dir, tokeniz
         module = _reference_module(cfg, tokenizer, backend).to(dist.device)
     table = compute_reference(module, units, plan, backend, pad_id, dist.device, dist.rank, dist.world_size, fp)
     if cfg.reference.cache and dist.is_main:
-        table.save(run_dir, split)
+        try:
+            table.save(run_dir, split)
+        except WRITE_ERRORS as err:  # only a cache: training goes on with the table in memory
+            print(f"pptrain: warning: could not write the reference cache to {run_dir} ({err}); "
+                  "training goes on, a resumed run recomputes it", file=sys.stderr)
     return table

@@ -31,11 +31,9 @@ from typing import Any, Union
 
 from omegaconf import DictConfig
 
+from ppo_train.errors import DataError
+
 Text = Union[str, list]  # a string, or a list of {"role", "content"} messages
-
-
-class DataError(ValueError):
-    """A bad row or file; the message names the file, the row and the field."""
 
 
 class TiedRowError(DataError):
@@ -295,6 +293,7 @@ def load_examples(cfg: DictConfig, path: str | None = None) -> tuple[list[Prefer
             report.tied_rows += isinstance(err, TiedRowError)
             report.skip_messages.append(str(err))
     if not examples:
-        raise DataError(f"{source}: no valid rows ({report.rows} rows, {report.skipped} invalid)")
+        first = f"; the first: {report.skip_messages[0]}" if report.skip_messages else ""
+        raise DataError(f"{source}: no valid rows ({report.rows} rows, {report.skipped} invalid{first})")
     report.kept = len(examples)
     return examples, report

@@ -68,3 +68,38 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
     assert "stopped by a signal" in err and not (run_dir / "model").exists()
     run_pptrain(run_dir, *ARGS, "trainer.save_every=0", "trainer.resume=auto")
     assert [s for s, _ in losses(run_dir)] == list(range(1, 9))
+
+
+def _limit_file_size() -> None:
+    import resource
+
+    # any file written past 4 MiB fails with EFBIG ("File too large"; Python ignores SIGXFSZ):
+    # the tiny model's checkpoint files are larger, everything else the run writes is smaller
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2**20, 4 * 2**20))
+
+
+def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    small = ["dataset.num_rows=40", "packing.row_tokens=1024", "trainer.save_every=2"]
+    run_pptrain(run_dir, *small, "trainer.max_steps=3", "trainer.save_model=false")
+    args = [sys.executable, "-m", "ppo_train", f"hydra.run.dir={run_dir}", "logging.progress=false", *small,
+            "trainer.max_steps=5", "trainer.resume=auto"]
+    proc = subprocess.run(args, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=600,
+                          preexec_fn=_limit_file_size)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("pptrain: could not save the checkpoint of step 4"), proc.stderr[-3000:]
+    assert "a file-size limit (ulimit -f) of 4.0 MiB is set" in message, message  # torch.save hides EFBIG
+    assert f"{run_dir / 'checkpoints' / 'step-2'} is intact" in message, message
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-2"]
+    run_pptrain(run_dir, *small, "trainer.max_steps=5", "trainer.resume=auto")  # the limit gone: it goes on
+    assert [s for s, _ in losses(run_dir)] == [1, 2, 3, 4, 5]
+    exported = sorted(p.name for p in (run_dir / "model").iterdir())
+    # the final export fails the same way: the model/ folder written before stays as it was
+    proc = subprocess.run(args, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=600,
+                          preexec_fn=_limit_file_size)
+    message = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and message.startswith(f"pptrain: could not write the model to {run_dir / 'model'}")
+    assert f"the newest checkpoint {run_dir / 'checkpoints' / 'step-4'} is intact" in message, message
+    assert sorted(p.name for p in (run_dir / "model").iterdir()) == exported
+    assert not (run_dir / "model.tmp").exists()
