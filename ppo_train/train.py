@@ -137,6 +137,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
             step += 1
             row = tracker.reduce(dist.world_size, dist.device)
             row.update(step=step, epoch=epoch, lr=engine.lr(), skipped_nonfinite=skipped)
+            if not writer.history:  # the data counts once, on the first row this run writes
+                row.update({f"data/{k}": v for k, v in data.report().items()})
             if step % t.log_every == 0 or step == total_steps:
                 writer.write(row)
             if data.eval_units and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
@@ -168,7 +170,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     if dist.is_main:
         facts = {"run directory": run_dir, "steps": step, "wall seconds": f"{time.perf_counter() - start:.1f}",
                  **{k: v for k, v in data.report().items() if v}}
-        (run_dir / "data_report.json").write_text(json.dumps(data.report(), indent=2))
+        (run_dir / "data_report.json").write_text(
+            json.dumps({**data.report(), "skipped_rows": data.skipped_rows()}, indent=2))
         from rich.console import Console
 
         Console(stderr=True).print(summary_table(writer.history, facts))

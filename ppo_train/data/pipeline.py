@@ -26,14 +26,28 @@ class PreparedData:
     eval_units: list[Unit] = field(default_factory=list)
     eval_examples: list[TokenizedExample] = field(default_factory=list)
     dropped_over_row_budget: int = 0
+    eval_file_reports: tuple[LoadReport, TokenizeReport] | None = None  # dataset.eval_path only
 
     def report(self) -> dict[str, int]:
-        return {"rows": self.load_report.rows, "invalid_skipped": self.load_report.skipped,
-                "of_which_all_tied": self.load_report.tied_rows,
-                "tied_pairs_dropped": self.load_report.tied_pairs,
-                "responses_over_max_responses": self.load_report.capped_responses,
-                **self.tokenize_report.as_dict(), "dropped_over_row_budget": self.dropped_over_row_budget,
-                "train_examples": len(self.units), "eval_examples": len(self.eval_units)}
+        """Counts of everything read, skipped, truncated or dropped (summary, metrics, data_report.json)."""
+        out = {"rows": self.load_report.rows, "invalid_skipped": self.load_report.skipped,
+               "of_which_all_tied": self.load_report.tied_rows,
+               "tied_pairs_dropped": self.load_report.tied_pairs,
+               "responses_over_max_responses": self.load_report.capped_responses,
+               **self.tokenize_report.as_dict(), "dropped_over_row_budget": self.dropped_over_row_budget,
+               "train_examples": len(self.units), "eval_examples": len(self.eval_units)}
+        if self.eval_file_reports is not None:
+            loaded, tokenized = self.eval_file_reports
+            out.update({"eval_file_rows": loaded.rows, "eval_file_invalid_skipped": loaded.skipped,
+                        **{f"eval_file_{k}": v for k, v in tokenized.as_dict().items() if k != "examples"}})
+        return out
+
+    def skipped_rows(self, limit: int = 1000) -> list[str]:
+        """Why each skipped row was skipped (the first `limit`, training file then eval file)."""
+        messages = list(self.load_report.skip_messages)
+        if self.eval_file_reports is not None:
+            messages += self.eval_file_reports[0].skip_messages
+        return messages[:limit]
 
 
 def _fits(units: list[Unit], examples: list[TokenizedExample], cfg: DictConfig):
@@ -49,9 +63,11 @@ def prepare(cfg: DictConfig, tokenizer) -> PreparedData:
     examples, load_report = load_examples(d)
     tokenized, tokenize_report = tokenize_examples(examples, tokenizer, d)
     eval_tokenized: list[TokenizedExample] = []
+    eval_file_reports = None
     if d.eval_path:
-        eval_rows, _ = load_examples(d, d.eval_path)
-        eval_tokenized, _ = tokenize_examples(eval_rows, tokenizer, d)
+        eval_rows, eval_load_report = load_examples(d, d.eval_path)
+        eval_tokenized, eval_tokenize_report = tokenize_examples(eval_rows, tokenizer, d)
+        eval_file_reports = (eval_load_report, eval_tokenize_report)
     elif d.eval_fraction:
         order = np.random.default_rng([cfg.trainer.seed, 7]).permutation(len(tokenized))
         n_eval = max(1, int(round(d.eval_fraction * len(tokenized))))
@@ -64,4 +80,4 @@ def prepare(cfg: DictConfig, tokenizer) -> PreparedData:
         raise DataError(f"{d.path}: no training examples left ({dropped} longer than packing.row_tokens="
                         f"{cfg.packing.row_tokens}); raise the row budget or lower the length limits")
     return PreparedData(units, tokenized, load_report, tokenize_report, eval_units, eval_tokenized,
-                        dropped + eval_dropped)
+                        dropped + eval_dropped, eval_file_reports)

@@ -31,6 +31,7 @@ from typing import Any, Union
 
 from omegaconf import DictConfig
 
+from ppo_train.data.jsoncheck import INVALID, checked_path
 from ppo_train.errors import DataError
 
 Text = Union[str, list]  # a string, or a list of {"role", "content"} messages
@@ -77,6 +78,8 @@ def load_rows(cfg: DictConfig, path: str | None = None):
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(local.suffix)
         if kind is None:
             raise DataError(f"dataset.path={path!r}: unsupported file type {local.suffix!r}; expected .jsonl, .json or .parquet")
+        if kind == "json":  # bad bytes, bad JSON, lone surrogates: named by line and row here
+            local = checked_path(local.resolve(), cfg.on_invalid)
         ds = datasets.load_dataset(kind, data_files=str(local.resolve()), split="train")
     else:
         ds = datasets.load_dataset(path, cfg.name, split=cfg.split)
@@ -230,6 +233,8 @@ def _scored_row(row: dict, fmt: str, where: str) -> tuple[Text, list[Text], list
 def normalize_row(row: dict, index: int, fmt: str, cfg: DictConfig, source: str,
                   report: LoadReport | None = None) -> PreferenceExample:
     where = f"{source} row {index}"
+    if row.get(INVALID):  # a line that jsoncheck replaced: its message names file, row and line
+        raise DataError(row[INVALID])
     for key in REQUIRED[fmt]:
         if row.get(key) is None:
             raise DataError(f"{where}: missing field {key!r}")

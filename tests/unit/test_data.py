@@ -152,3 +152,66 @@ def test_pandalm_majority_and_ties(shared_data):
     want = (0, 1) if votes.count(1) > votes.count(2) else (1, 0)
     assert examples[0].pairs == [want] and report.tied_rows > 0
     assert report.kept + report.skipped == report.rows == 999
+
+
+GOOD = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()
+
+
+@pytest.mark.parametrize("line,needle", [
+    (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', "undecodable text: byte 0xe9 at column 16 is not UTF-8"),
+    (b'{"prompt": "x \\ud800 y", "chosen": "a", "rejected": "b"}', "undecodable text: a lone surrogate \\ud800"),
+    (b'{"prompt": "x", "chosen": "a", "rejected": "b\\udc00"}', "undecodable text: a lone surrogate \\udc00"),
+    (b'{"prompt": "cut off', "not JSON (Unterminated string"),
+    (b'["p", "a", "b"]', "expected a JSON object per line, got list"),
+])
+def test_undecodable_or_malformed_lines_name_file_row_and_line(tmp_path, monkeypatch, line, needle):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "d.jsonl"
+    # a blank line is not a row: the bad line is line 4 and row 2
+    path.write_bytes(b"\n".join([GOOD, GOOD, b"", line, GOOD]) + b"\n")
+    with pytest.raises(DataError) as err:
+        load_examples(dcfg(path, format="preference"))
+    assert f"{path} row 2 (line 4): " in str(err.value) and needle in str(err.value), str(err.value)
+    examples, report = load_examples(dcfg(path, format="preference", on_invalid="skip"))
+    assert [e.index for e in examples] == [0, 1, 3] and report.skipped == 1 and report.rows == 4
+    assert f"{path} row 2 (line 4): " in report.skip_messages[0] and needle in report.skip_messages[0]
+
+
+def test_surrogate_pairs_are_text_not_errors(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "smile \\ud83d\\ude00", "chosen": "a", "rejected": "b"}\n')
+    (ex,), _ = load_examples(dcfg(path, format="preference"))
+    assert ex.prompt == "smile \U0001F600"
+
+
+def test_undecodable_json_document_names_the_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[\n {"prompt": "p", "chosen": "a", "rejected": "b"},\n {"prompt": "\xff", "chosen": "a", '
+                     b'"rejected": "b"}\n]\n')
+    with pytest.raises(DataError, match=rf"{path} line 3: undecodable text: byte 0xff"):
+        load_examples(dcfg(path, format="preference", on_invalid="skip"))
+    path.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p" "chosen": "a"}]')
+    with pytest.raises(DataError, match=rf"{path} line 1 column \d+: not JSON"):
+        load_examples(dcfg(path, format="preference"))
+    path.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "\\udfff", "chosen": "a", '
+                    '"rejected": "b"}]')
+    with pytest.raises(DataError, match=rf"{path} row 1: undecodable text: a lone surrogate"):
+        load_examples(dcfg(path, format="preference"))
+
+
+def test_eval_file_counts_and_skip_reasons_are_reported(tmp_path, monkeypatch, tok):
+    from ppo_train.cli import compose
+    from ppo_train.data.pipeline import prepare
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    train_path, eval_path = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train_path.write_bytes(b"\n".join([GOOD] * 6 + [b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}']) + b"\n")
+    eval_path.write_bytes(b"\n".join([GOOD, b'{"prompt": "p", "chosen": "a", "rejected": "a"}', GOOD]) + b"\n")
+    cfg = compose([f"dataset.path={train_path}", f"dataset.eval_path={eval_path}", "dataset.format=preference",
+                   "dataset.on_invalid=skip", "packing.row_tokens=1024"])
+    data = prepare(cfg, tok)
+    report = data.report()
+    assert report["rows"] == 7 and report["invalid_skipped"] == 1 and report["train_examples"] == 6
+    assert report["eval_file_rows"] == 3 and report["eval_file_invalid_skipped"] == 1 and report["eval_examples"] == 2
+    reasons = data.skipped_rows()
+    assert len(reasons) == 2 and "row 6 (line 7): undecodable text" in reasons[0] and "identical" in reasons[1]

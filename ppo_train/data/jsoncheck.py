@@ -1,0 +1,124 @@
+"""Local JSON and JSON Lines files, checked before `datasets` reads them.
+
+`datasets` stops at a byte that is not UTF-8, a line that is not JSON or a lone surrogate
+escape (`"\\ud800"`, which no tokenizer can encode) with a traceback that names neither the
+file's line nor the row. This scan finds them first, one line at a time:
+
+- `dataset.on_invalid=error`: a DataError naming the file, the line, the row and what is wrong.
+- `skip` (JSON Lines only): `datasets` reads a copy in which each bad line is replaced by a
+  marker row; `normalize_row` turns the marker into the same DataError, so the row keeps its
+  number, is skipped and counted like any other invalid row. A `.json` file (one document)
+  has no rows to skip until it parses, so it is always an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ppo_train.errors import DataError
+
+INVALID = "__pptrain_invalid__"  # the marker column of a replaced line
+
+
+def line_problem(raw: bytes) -> str | None:
+    """What is wrong with one JSON Lines line (None if it is a JSON object of encodable text)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"undecodable text: byte 0x{raw[err.start]:02x} at column {err.start + 1} is not UTF-8"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        return f"not JSON ({err.msg} at column {err.colno})"
+    if not isinstance(value, dict):
+        return f"expected a JSON object per line, got {type(value).__name__}"
+    if "\\ud" in text.lower():  # surrogate escapes: fine in pairs, unencodable alone
+        return _surrogate_problem(value)
+    return None
+
+
+def _surrogate_problem(value) -> str | None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return (f"undecodable text: a lone surrogate \\u{ord(item[err.start]):04x} "
+                        f"(an escape of half a UTF-16 pair) in {item[max(0, err.start - 20):err.start]!r}...")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def checked_path(path: Path, on_invalid: str, cache_dir: Path | None = None) -> Path:
+    """The file `datasets` should read: `path` itself if every line is fine, else (skip) a copy
+    with the bad lines replaced by marker rows; raises DataError under on_invalid=error."""
+    if path.suffix == ".json":
+        _check_document(path)
+        return path
+    bad: dict[int, str] = {}
+    row = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue  # blank lines are not rows
+            problem = line_problem(raw.rstrip(b"\r\n"))
+            if problem:
+                message = f"{path} row {row} (line {number}): {problem}"
+                if on_invalid != "skip":
+                    raise DataError(f"{message} (dataset.on_invalid=skip skips such rows and counts them)")
+                bad[number] = message
+            row += 1
+    if not bad:
+        return path
+    return _copy_with_markers(path, bad, cache_dir or _cache_dir())
+
+
+def _check_document(path: Path) -> None:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path} line {line}: undecodable text: byte 0x{data[err.start]:02x} is not UTF-8 "
+                        "(a .json file must parse as a whole; as .jsonl, dataset.on_invalid=skip could skip "
+                        "the row)") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {err.lineno} column {err.colno}: not JSON ({err.msg})") from None
+    rows = value if isinstance(value, list) else [value]
+    for index, item in enumerate(rows):
+        problem = _surrogate_problem(item)
+        if problem:
+            raise DataError(f"{path} row {index}: {problem}")
+
+
+def _copy_with_markers(path: Path, bad: dict[int, str], cache_dir: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir / f"{path.stem}-{key}.jsonl"
+    if out.is_file():
+        return out
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with path.open("rb") as src, tmp.open("wb") as dst:
+        for number, raw in enumerate(src, start=1):
+            if number in bad:
+                raw = (json.dumps({INVALID: bad[number]}) + "\n").encode()
+            dst.write(raw)
+    tmp.rename(out)
+    return out
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pptrain" / "checked"
