@@ -293,6 +293,8 @@ def worker(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     opts = BenchOptions(**spec["opts"])
     if spec["kind"] == "trl":  # pragma: no cover - needs trl
+        from ppo_train.bench_trl import trl_baseline
+
         result = trl_baseline(spec["overrides"], opts)
     else:
         result = run_point(spec["overrides"], spec["layout"], spec["packer"], opts)
@@ -347,128 +349,6 @@ def _trl(overrides: list[str], opts: BenchOptions) -> dict:
         return {"error": str(err)[-2000:]}
 
 
-
-
-def trl_baseline(overrides: list[str], opts: BenchOptions) -> dict:  # pragma: no cover - needs trl
-    """TRL's DPOTrainer on the same model, examples and prompts per step (its own paired,
-    padded batches; reference log-probs precomputed like ours). The texts are decoded from
-    our token ids and re-tokenized by TRL, so token counts may differ slightly. Timed from
-    the end of the warm-up steps to the end, by a callback."""
-    import datasets
-    from transformers import TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    from ppo_train.model import load_causal_lm, load_tokenizer
-    from ppo_train.stats import comparable_examples
-
-    cfg = point_config(overrides, "paired", "none")
-    t, tok = cfg.trainer, load_tokenizer(cfg.model)
-    examples = comparable_examples(cfg, tok)[0][: opts.num_units]
-    text = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731 - TRL adds EOS itself
-    rows = [{"prompt": text(ex.prompt_ids), "chosen": text(ex.response_ids[w]), "rejected": text(ex.response_ids[lo])}
-            for ex in examples for w, lo in ex.pairs]
-    accum = max(1, -(-opts.units_per_step // t.micro_batch_size))
-    timed = -(-len(rows) // (accum * t.micro_batch_size))
-    marks: dict[int, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            marks[state.global_step] = time.perf_counter()
-
-    device = _device(cfg)
-    longest = max(len(ex.prompt_ids) + max(len(r) for r in ex.response_ids) for ex in examples)
-    args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=t.micro_batch_size,
-                     gradient_accumulation_steps=accum, max_steps=opts.warmup_steps + timed, learning_rate=t.lr,
-                     lr_scheduler_type="constant", beta=cfg.loss.beta, max_length=longest + 8,
-                     precompute_ref_log_probs=True, report_to="none", save_strategy="no", seed=t.seed,
-                     use_cpu=device.type == "cpu", bf16=t.precision == "bf16", dataloader_num_workers=0)
-    dtype = torch.float32 if t.precision == "fp32" else torch.bfloat16
-    model = load_causal_lm(cfg.model, len(tok), dtype, "sdpa", t.seed)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tok, callbacks=[Clock()])
-    trainer.train()
-    first, last = marks.get(opts.warmup_steps), marks[max(marks)]
-    samples = (max(marks) - opts.warmup_steps) * accum * t.micro_batch_size
-    return {"trl": __import__("trl").__version__, "pairs": len(rows), "steps": max(marks),
-            "samples_per_s": samples / (last - first) if first and last > first else None}
-
-
-def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
-
-
-def markdown(result: dict) -> str:
-    """The results as a Markdown table, with the setting and the caveats above it."""
-    pts, st = result["points"], result["stats"]
-    head = pts[0] if pts else {}
-    lines = [f"# pptrain benchmark ({head.get('device', '?')}, {head.get('params', 0) / 1e6:.1f}M parameters, "
-             f"{head.get('threads', '?')} threads, torch {result['torch']})", "",
-             f"- overrides: `{' '.join(result['overrides'])}`",
-             f"- {head.get('units', 0)} prompts per timed pass (fastest of {result['options']['repeats']}), "
-             f"{result['options']['units_per_step']} per optimizer step, {result['options']['warmup_steps']} warm-up "
-             "step(s); same examples and initial weights everywhere",
-             f"- data: prompt median {st['prompt_tokens']['median']:.0f} tokens, response median "
-             f"{st['response_tokens']['median']:.0f}; ideal prefix-sharing speedup {st['ideal_speedup']:.3f}x",
-             f"- speedup = samples/s over paired+none; ideal (padded) = padded tokens of paired+none / padded "
-             f"tokens of the point; peak memory: {head.get('peak_memory_scope', '?')}", ""]
-    cols = ["config", "samples/s", "real tok/s", "pad %", "peak MiB", "mask ms/step", "steps", "speedup",
-            "ideal (padded)", "ideal (prefix)", "achieved/ideal", "new graphs"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for p in pts:
-        cells = [f"{p['layout']}+{p['packer']}", _fmt(p["samples_per_s"]), _fmt(p["real_tokens_per_s"], ".0f"),
-                 _fmt(100 * p["pad_fraction"], ".1f"), _fmt(p["peak_memory_mib"], ".0f"),
-                 _fmt(1000 * p["mask_s_per_step"], ".1f"), str(p["steps"]), _fmt(p["speedup"], ".2f", "x"),
-                 _fmt(p["ideal_padded"], ".2f", "x"), _fmt(p["ideal_prefix"], ".2f", "x"),
-                 _fmt(p.get("efficiency"), ".0%"), str(p["compiled_graphs_after_warmup"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    trl = result["trl"]
-    lines += ["", f"TRL DPOTrainer baseline: {trl.get('skipped') or trl.get('error') or _fmt(trl.get('samples_per_s'))}"
-              + ("" if trl.get("skipped") or trl.get("error") else " samples/s")]
-    busy = [p for p in pts if (p.get("other_cpu_share") or 0) > 0.05]
-    if busy:
-        lines.append("WARNING: other processes used the CPU during " + ", ".join(
-            f"{p['layout']}+{p['packer']} ({p['other_cpu_share']:.0%})" for p in busy) + "; rerun on a quiet machine")
-    if "wall_s" in result:
-        lines.append(f"Benchmark wall time: {result['wall_s']:.0f} s")
-    return "\n".join(lines) + "\n"
-
-
-def plot(result: dict, path: Path) -> Path | None:
-    """Achieved vs ideal (padded-token) speedup per configuration; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    pts = [p for p in result["points"] if p["speedup"] is not None]
-    x = range(len(pts))
-    fig, ax = plt.subplots(figsize=(1.3 * len(pts) + 2, 4))
-    ax.bar([i - 0.2 for i in x], [p["speedup"] for p in pts], 0.4, label="achieved (samples/s)")
-    ax.bar([i + 0.2 for i in x], [p["ideal_padded"] for p in pts], 0.4, label="ideal (padded tokens)")
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_xticks(list(x), [f"{p['layout']}\n{p['packer']}" for p in pts])
-    ax.set_ylabel("speedup over paired+none")
-    ax.set_title(f"pptrain: achieved vs ideal speedup ({pts[0]['device'] if pts else ''})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_outputs(result: dict, out_dir: Path) -> dict[str, str]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "bench.json", "markdown": out_dir / "bench.md"}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
-    paths["markdown"].write_text(markdown(result))
-    png = plot(result, out_dir / "bench.png")
-    if png is not None:
-        paths["plot"] = png
-    return {k: str(v) for k, v in paths.items()}
-
-
 def _merge_overrides(defaults: list[str], user: list[str]) -> list[str]:
     """Defaults first, dropping any key the user sets (Hydra rejects a key given twice)."""
     keys = {u.split("=", 1)[0].lstrip("+~") for u in user}
@@ -506,6 +386,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     result = run_grid(overrides, opts)
     result["wall_s"] = time.perf_counter() - start
+    from ppo_train.bench_report import write_outputs
+
     paths = write_outputs(result, Path(args.out))
     print(Path(paths["markdown"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

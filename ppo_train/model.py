@@ -51,7 +51,7 @@ def load_tokenizer(cfg: DictConfig):
     source = cfg.tokenizer or cfg.name_or_path
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # no such folder or hub id; a folder without tokenizer files
         raise ModelLoadError(f"model.tokenizer={source!r}: cannot load a tokenizer from it ({err}); "
                              "give a local folder with tokenizer files or a hub id") from err
     if tok.pad_token_id is None:
@@ -82,6 +82,10 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
     if (name_or_path.startswith(("/", ".", "~")) or local.exists()) and not local.is_dir():
         raise ModelLoadError(f"model path {name_or_path!r} does not exist; give a folder saved with "
                              "save_pretrained or a hub id")
+    if local.is_dir() and not gguf_file and not cfg.gguf_file and not list(local.glob("*.safetensors")) \
+            and list(local.glob("*.bin")):
+        raise ModelLoadError(f"model path {name_or_path!r} holds only pickle weights (*.bin), which pptrain does not "
+                             "load (unpickling can run code); convert it with save_pretrained(safe_serialization=True)")
     gguf_file = gguf_file or cfg.gguf_file
     try:
         with torch.random.fork_rng():
@@ -89,7 +93,7 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
             model = auto.from_pretrained(
                 name_or_path, gguf_file=gguf_file, revision=cfg.revision, dtype=dtype, attn_implementation=impl,
                 trust_remote_code=cfg.trust_remote_code, use_safetensors=None if gguf_file else True, **extra)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # no weights, an unknown model type, remote code refused
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}") from err
     return _plain_copy(model, auto, impl, dtype) if gguf_file else model
 

@@ -1,12 +1,13 @@
-"""Runtime behaviour: the live reference gives the cached reference's losses; a non-finite
-loss stops the run naming the step and the source rows, or is skipped and counted."""
+"""Runtime behaviour: the live reference gives the cached reference's losses; a reference
+from a separate checkpoint scores with that model; a non-finite loss stops the run naming the
+step and the source rows, or is skipped and counted."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ppo_train.cli import compose
 from ppo_train.train import train
@@ -46,3 +47,37 @@ def test_nonfinite_loss_stops_with_step_and_rows_or_is_skipped(tmp_path):
     steps = [r for r in rows if "loss" in r]
     assert [r["skipped_nonfinite"] for r in steps] == [1, 2, 3]
     assert all(r["loss"] is None and r["pairs"] > 0 for r in steps), steps
+
+
+def test_reference_from_a_separate_checkpoint_scores_with_that_model(tmp_path):
+    """reference.name_or_path: the table holds the named model's log-probs (checked against a
+    plain transformers forward of each unshared [prompt | response]), not the policy's."""
+    from transformers import AutoModelForCausalLM
+
+    from ppo_train.data.pipeline import prepare
+    from ppo_train.model import load_causal_lm, load_tokenizer
+
+    cfg = compose(BASE)
+    tok = load_tokenizer(cfg.model)
+    ref_dir = tmp_path / "reference"
+    load_causal_lm(cfg.model, len(tok), torch.float32, "sdpa", seed=1234).save_pretrained(ref_dir)
+    tok.save_pretrained(ref_dir)
+    cfg = compose(BASE + [f"reference.name_or_path={ref_dir}", "trainer.max_steps=1"])
+    rows = train(cfg, tmp_path / "run")
+    table = load_file(str(tmp_path / "run" / "reference_logps.safetensors"))["sums"]
+    data = prepare(cfg, tok)
+    models = {"reference": AutoModelForCausalLM.from_pretrained(ref_dir, torch_dtype=torch.float32).eval(),
+              "policy": load_causal_lm(cfg.model, len(tok), torch.float32, "sdpa", seed=cfg.trainer.seed).eval()}
+    far_from_policy = 0
+    for row, unit in enumerate(data.units[:4]):
+        ex = data.examples[unit.uid]
+        for k, resp in enumerate(ex.response_ids):
+            ids = torch.tensor([ex.prompt_ids + resp])
+            with torch.no_grad():
+                want = {name: m(ids).logits[0, :-1].log_softmax(-1)[len(ex.prompt_ids) - 1:]
+                        .gather(-1, ids[0, len(ex.prompt_ids):, None]).sum().item() for name, m in models.items()}
+            got = table[unit.uid, k].item()
+            assert abs(got - want["reference"]) <= 1e-4 * max(1.0, abs(want["reference"])), (row, k, got, want)
+            far_from_policy += abs(got - want["policy"]) > 0.1
+    assert far_from_policy >= 4, "the table looks like the policy's log-probs, not the named model's"
+    assert abs(losses(rows)[0] - 0.6931471805599453) > 1e-3, "with another reference, step 1 is not ln 2"

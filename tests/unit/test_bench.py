@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from ppo_train.bench import BenchOptions, _merge_overrides, group_by_units, run_grid, write_outputs
+from ppo_train.bench import BenchOptions, _merge_overrides, group_by_units, run_grid
+from ppo_train.bench_report import write_outputs
 from ppo_train.cli import compose
 from ppo_train.data.layout import build_units
 from ppo_train.model import load_tokenizer
