@@ -157,8 +157,8 @@ def unknown_keys(cfg: DictConfig, where: str = "") -> list[str]:
             problem = key_problem(dotted, where)
             if problem:
                 problems.append(problem)
-            elif isinstance(node._get_node(key), DictConfig):
-                walk(node._get_node(key), dotted + ".")
+            elif dataclasses.is_dataclass(schema_keys()[dotted]):  # a section: look inside
+                walk(node[key], dotted + ".")
 
     walk(cfg, "")
     return problems
@@ -193,6 +193,9 @@ def option_problem(group: str, option: str, where: str = "") -> str | None:
         return None
     near = difflib.get_close_matches(str(option), list(options), n=1, cutoff=0.5)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
+    path_keys = {"dataset": "dataset.path", "model": "model.name_or_path", "reference": "reference.name_or_path"}
+    if group in path_keys and ("/" in str(option) or "." in str(option)):
+        hint = f" (a file, folder or hub id goes in {path_keys[group]}={option})"
     return f"{group}={option!r}{where}: no such option; expected one of {list(options)}{hint}"
 
 

@@ -138,3 +138,9 @@ def test_command_line_exits_2_with_the_list_before_any_model_loads(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "2 problem(s)" in out.stderr and "did you mean 'trainer.lr'" in out.stderr, out.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_path_given_as_a_group_option_points_to_the_path_key():
+    problems = preflight(["dataset=data/mine.jsonl", "model=Qwen/Qwen2.5-0.5B"])
+    assert any("(a file, folder or hub id goes in dataset.path=data/mine.jsonl)" in p for p in problems), problems
+    assert any("model.name_or_path=Qwen/Qwen2.5-0.5B" in p for p in problems), problems
