@@ -61,10 +61,11 @@ def load_tokenizer(cfg: DictConfig):
 
 def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend: str, seed: int,
                    name_or_path: str | None = None, gguf_file: str | None = None, reward: bool = False,
-                   pad_token_id: int | None = None):
+                   pad_token_id: int | None = None, longest_sequence: int = 0):
     """A causal LM (or, with reward=True, a one-label AutoModelForSequenceClassification whose
     head starts at random) from a hub id / local folder, or from `from_config` with seeded
-    random weights."""
+    random weights. Refused (ModelLoadError) when pptrain would not reproduce its log-probs
+    (`architecture_problems`; `longest_sequence` is the data's longest prompt + response)."""
     impl = attn_implementation(backend)
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     extra = {"num_labels": 1, "pad_token_id": pad_token_id} if reward else {}
@@ -74,6 +75,7 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
         model_type = kwargs.pop("model_type")
         kwargs.setdefault("vocab_size", vocab_size)
         config = AutoConfig.for_model(model_type, **kwargs, **extra)
+        check_architecture(config, longest_sequence)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = auto.from_config(config, attn_implementation=impl, dtype=dtype)
@@ -88,6 +90,8 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
                              "load (unpickling can run code); convert it with save_pretrained(safe_serialization=True)")
     gguf_file = gguf_file or cfg.gguf_file
     try:
+        check_architecture(AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file, revision=cfg.revision,
+                                                      trust_remote_code=cfg.trust_remote_code), longest_sequence)
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # a new reward head starts from the same weights on every rank
             model = auto.from_pretrained(
@@ -107,6 +111,39 @@ def _plain_copy(model, auto, impl: str, dtype: torch.dtype):
     plain = auto.from_config(config, attn_implementation=impl, dtype=dtype)
     plain.load_state_dict(model.state_dict())
     return plain
+
+
+# Settings that change the math where pptrain does not reproduce it: in the output head (pptrain
+# projects hidden states itself, in chunks) or inside attention (pptrain's masked attention
+# function takes no soft-cap). Each with the values that mean "off".
+_HEAD_AND_ATTENTION = {"final_logit_softcapping": (None, 0, 0.0), "attn_logit_softcapping": (None, 0, 0.0),
+                       "logit_scale": (None, 1, 1.0), "logits_scaling": (None, 1, 1.0)}
+
+
+def architecture_problems(config, longest_sequence: int = 0) -> list[str]:
+    """Why pptrain's log-probs would differ from the model's own for this config (empty if they
+    match). `longest_sequence`: the longest [prompt | response] of the data, in tokens; a
+    sliding window shorter than that would be ignored (documents attend in full)."""
+    problems = [f"{name}={getattr(config, name)}" for name, off in _HEAD_AND_ATTENTION.items()
+                if getattr(config, name, None) not in off]
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    windowed = getattr(config, "use_sliding_window", None)
+    if windowed is None:
+        windowed = layer_types is None or "sliding_attention" in layer_types
+    if window and windowed and longest_sequence > window:
+        problems.append(f"sliding_window={window} shorter than the longest prompt + response ({longest_sequence} "
+                        "tokens; lower dataset.max_prompt_length/max_response_length)")
+    return problems
+
+
+def check_architecture(config, longest_sequence: int = 0) -> None:
+    """Raise ModelLoadError (before any weights load) when architecture_problems finds any."""
+    problems = architecture_problems(config, longest_sequence)
+    if problems:
+        raise ModelLoadError(
+            f"model_type {config.model_type}: {'; '.join(problems)}: pptrain does not "
+            "reproduce this, so its log-probs would be wrong; tested architectures: llama, qwen2, mistral")
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -69,7 +69,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     # model, engine, reference scores (before the first update; DPO only)
     backend = resolve_backend(cfg.model.attention, dist.device)
     model = load_causal_lm(cfg.model, len(tokenizer), dtype_of(t.precision), backend, t.seed,
-                           reward=is_reward, pad_token_id=pad_id)
+                           reward=is_reward, pad_token_id=pad_id, longest_sequence=data.longest_sequence)
     if cfg.model.lora.enabled:
         peft_model, model = apply_lora(model, cfg.model.lora, reward=is_reward)
         if dist.is_main:

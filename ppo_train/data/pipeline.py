@@ -42,6 +42,12 @@ class PreparedData:
                         **{f"eval_file_{k}": v for k, v in tokenized.as_dict().items() if k != "examples"}})
         return out
 
+    @property
+    def longest_sequence(self) -> int:
+        """The longest [prompt | response] of any example, training or eval, in tokens."""
+        return max((len(ex.prompt_ids) + max(len(r) for r in ex.response_ids)
+                    for ex in self.examples + self.eval_examples), default=0)
+
     def skipped_rows(self, limit: int = 1000) -> list[str]:
         """Why each skipped row was skipped (the first `limit`, training file then eval file)."""
         messages = list(self.load_report.skip_messages)

@@ -94,3 +94,41 @@ def test_help_lists_groups_and_options(tmp_path):
     assert out.returncode == 0
     for line in ("packing: ffd, none, sorted", "layout: paired, shared, unmasked", "loss: dpo, orpo, reward, sft, simpo"):
         assert line in out.stdout, out.stdout[:2000]
+
+
+@pytest.mark.parametrize("model_type, overrides, needle", [
+    ("gemma2", {}, "final_logit_softcapping=30.0; attn_logit_softcapping=50.0"),
+    ("cohere", {}, "logit_scale=0.0625"),
+    ("granite", {"logits_scaling": 8.0}, "logits_scaling=8.0"),
+    ("mistral", {"sliding_window": 64}, "sliding_window=64 shorter than the longest prompt + response (100 tokens"),
+    ("gemma3_text", {"sliding_window": 64}, "sliding_window=64"),
+])
+def test_architectures_whose_log_probs_pptrain_would_get_wrong_are_refused(model_type, overrides, needle):
+    from transformers import AutoConfig
+
+    from ppo_train.model import architecture_problems
+
+    config = AutoConfig.for_model(model_type, **overrides)
+    assert needle in "; ".join(architecture_problems(config, longest_sequence=100))
+
+
+@pytest.mark.parametrize("model_type, overrides", [
+    ("llama", {}), ("qwen2", {}), ("qwen3", {}), ("granite", {}),
+    ("mistral", {"sliding_window": 4096}),      # a window longer than every sequence never binds
+    ("qwen2", {"sliding_window": 64}),          # use_sliding_window is off
+])
+def test_supported_architectures_pass(model_type, overrides):
+    from transformers import AutoConfig
+
+    from ppo_train.model import architecture_problems
+
+    assert architecture_problems(AutoConfig.for_model(model_type, **overrides), longest_sequence=100) == []
+
+
+def test_loading_a_soft_capped_model_fails_with_the_reason():
+    cfg = model_cfg(from_config={"model_type": "gemma2", "hidden_size": 32, "intermediate_size": 64,
+                                 "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                 "head_dim": 16})
+    with pytest.raises(ModelLoadError, match=r"model_type gemma2: final_logit_softcapping=30.0.*"
+                                             r"tested architectures: llama, qwen2, mistral"):
+        load_causal_lm(cfg, 97, torch.float32, "sdpa", 0)
