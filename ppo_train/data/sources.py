@@ -25,6 +25,7 @@ responses are all tied has no preference at all (an invalid row).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -199,6 +200,12 @@ def pairs_from_scores(scores: list[float]) -> tuple[list[tuple[int, int]], int]:
     return pairs, ties
 
 
+def _is_number(x) -> bool:
+    """A finite int or float (not a bool, not NaN: NaN compares false with everything, so a NaN
+    score would quietly turn into ties)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _scored_row(row: dict, fmt: str, where: str) -> tuple[Text, list[Text], list[float]]:
     if fmt == "pandalm":
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
@@ -213,8 +220,9 @@ def _scored_row(row: dict, fmt: str, where: str) -> tuple[Text, list[Text], list
         if not isinstance(items, list) or not all(isinstance(c, dict) for c in items):
             raise DataError(f"{where}.completions: expected a list of {{'response', 'overall_score'}} objects")
         for i, c in enumerate(items):
-            if not isinstance(c.get("overall_score"), (int, float)):
-                raise DataError(f"{where}.completions[{i}].overall_score: expected a number")
+            if not _is_number(c.get("overall_score")):
+                raise DataError(f"{where}.completions[{i}].overall_score: expected a finite number, "
+                                f"got {c.get('overall_score')!r}")
         responses = [_text(c.get("response"), f"{where}.completions[{i}].response") for i, c in enumerate(items)]
         return _text(row["instruction"], f"{where}.instruction"), responses, [float(c["overall_score"]) for c in items]
     key = "responses" if row.get("responses") is not None else "completions"
@@ -224,8 +232,9 @@ def _scored_row(row: dict, fmt: str, where: str) -> tuple[Text, list[Text], list
     responses = [_text(v, f"{where}.{key}[{i}]") for i, v in enumerate(values)]
     raw = row["scores"] if fmt == "scored" else row["ranks"]
     field_name = "scores" if fmt == "scored" else "ranks"
-    if not isinstance(raw, list) or len(raw) != len(responses) or not all(isinstance(x, (int, float)) for x in raw):
-        raise DataError(f"{where}.{field_name}: expected {len(responses)} numbers, one per response")
+    if not isinstance(raw, list) or len(raw) != len(responses) or not all(_is_number(x) for x in raw):
+        raise DataError(f"{where}.{field_name}: expected {len(responses)} finite numbers, one per response, "
+                        f"got {raw!r:.200}")
     scores = [float(x) for x in raw] if fmt == "scored" else [-float(x) for x in raw]
     return _text(row["prompt"], f"{where}.prompt"), responses, scores
 

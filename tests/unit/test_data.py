@@ -215,3 +215,40 @@ def test_eval_file_counts_and_skip_reasons_are_reported(tmp_path, monkeypatch, t
     assert report["eval_file_rows"] == 3 and report["eval_file_invalid_skipped"] == 1 and report["eval_examples"] == 2
     reasons = data.skipped_rows()
     assert len(reasons) == 2 and "row 6 (line 7): undecodable text" in reasons[0] and "identical" in reasons[1]
+
+
+@pytest.mark.parametrize("first, second, needle", [
+    ([1.0, 0.5], [1.0, float("nan")], "row 1.scores: expected 2 finite numbers"),  # parquet keeps a NaN
+    ([True, False], [False, True], "row 0.scores: expected 2 finite numbers"),
+    ([1.0, 0.5], [1.0], "row 1.scores: expected 2 finite numbers"),
+    ([1.0, 0.5], {"a": 1}, "row 1.scores: expected 2 finite numbers"),  # another type than row 0's
+])
+def test_bad_scores_are_named_not_turned_into_ties(tmp_path, first, second, needle):
+    import math
+
+    import datasets
+
+    rows = [{"prompt": "p", "responses": ["a", "b"], "scores": first},
+            {"prompt": "q", "responses": ["a", "b"], "scores": second}]
+    if any(isinstance(x, float) and math.isnan(x) for x in second):
+        path = tmp_path / "d.parquet"
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        path = write_jsonl(tmp_path, rows)
+    with pytest.raises(DataError) as err:
+        load_examples(dcfg(path, format="scored"))
+    assert f"{path} {needle}" in str(err.value), str(err.value)
+
+
+def test_rows_whose_fields_change_type_are_checked_row_by_row(tmp_path):
+    """datasets keeps a field whose JSON type changes between rows (its Json feature), so each
+    row is judged by its own values."""
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"},
+            {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b"},
+            {"prompt": "r", "chosen": True, "rejected": "c"},
+            {"prompt": "s", "chosen": "a", "rejected": "c"}]
+    path = write_jsonl(tmp_path, rows)
+    examples, report = load_examples(dcfg(path, format="preference", on_invalid="skip"))
+    assert [e.index for e in examples] == [0, 3] and report.skipped == 2
+    assert "row 1: prompt, chosen and rejected mix strings and message lists" in report.skip_messages[0]
+    assert "row 2.chosen: expected a string or a non-empty list of messages, got bool" in report.skip_messages[1]
