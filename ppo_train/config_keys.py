@@ -50,7 +50,6 @@ ALIASES = {
     "fp16": "trainer.precision",
     "gradient_checkpointing_enable": "trainer.gradient_checkpointing",
     "zero": "trainer.zero_stage",
-    "zero_stage": "trainer.zero_stage",
     "loss_type": "loss.variant",
     "simpo_gamma": "loss.gamma",
     "gamma_beta_ratio": "loss.gamma",

@@ -60,6 +60,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
         # the exported classifier pools at the last non-pad token, which must not be EOS
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.bos_token
     data = prepare(cfg, tokenizer)
+    if dist.is_main:  # written before training, so a run that stops early still has it
+        (run_dir / "data_report.json").write_text(
+            json.dumps({**data.report(), "skipped_rows": data.skipped_rows()}, indent=2))
     units, pad_id = data.units, tokenizer.pad_token_id
     per_step = dist.world_size * t.grad_accum
     plans = {0: plan_epoch(units, cfg.packing, t.micro_batch_size, t.seed, 0)}
@@ -170,8 +173,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     if dist.is_main:
         facts = {"run directory": run_dir, "steps": step, "wall seconds": f"{time.perf_counter() - start:.1f}",
                  **{k: v for k, v in data.report().items() if v}}
-        (run_dir / "data_report.json").write_text(
-            json.dumps({**data.report(), "skipped_rows": data.skipped_rows()}, indent=2))
         from rich.console import Console
 
         Console(stderr=True).print(summary_table(writer.history, facts))

@@ -64,6 +64,10 @@ def test_recipe_runs_two_steps_with_a_tiny_model(recipe, tmp_path):
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["pairs"] > 0 and r["loss"] == r["loss"] for r in steps)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["rows"] > 0 and len(report["skipped_rows"]) == min(
+        report["invalid_skipped"] + report.get("eval_file_invalid_skipped", 0), 1000)
+    assert steps[0]["data/rows"] == report["rows"] and "data/rows" not in steps[1]  # counts on the first row
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if compose([f"recipe={recipe}", "run_name=x"]).loss.name == "reward":
