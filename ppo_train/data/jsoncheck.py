@@ -7,8 +7,9 @@ file's line nor the row. This scan finds them first, one line at a time:
 - `dataset.on_invalid=error`: a DataError naming the file, the line, the row and what is wrong.
 - `skip` (JSON Lines only): `datasets` reads a copy in which each bad line is replaced by a
   marker row; `normalize_row` turns the marker into the same DataError, so the row keeps its
-  number, is skipped and counted like any other invalid row. A `.json` file (one document)
-  has no rows to skip until it parses, so it is always an error.
+  number, is skipped and counted like any other invalid row. A `.json` file holding one
+  document (an array of rows) has no rows to skip until it parses, so it is always an error;
+  a `.json` file in JSON Lines form (which `datasets` also reads) is scanned line by line.
 """
 
 from __future__ import annotations
@@ -61,8 +62,7 @@ def _surrogate_problem(value) -> str | None:
 def checked_path(path: Path, on_invalid: str, cache_dir: Path | None = None) -> Path:
     """The file `datasets` should read: `path` itself if every line is fine, else (skip) a copy
     with the bad lines replaced by marker rows; raises DataError under on_invalid=error."""
-    if path.suffix == ".json":
-        _check_document(path)
+    if path.suffix == ".json" and _checked_document(path):
         return path
     bad: dict[int, str] = {}
     row = 0
@@ -82,24 +82,30 @@ def checked_path(path: Path, on_invalid: str, cache_dir: Path | None = None) -> 
     return _copy_with_markers(path, bad, cache_dir or _cache_dir())
 
 
-def _check_document(path: Path) -> None:
+def _checked_document(path: Path) -> bool:
+    """True if `path` is one JSON document with no undecodable text; False if it is not one
+    document (JSON Lines under a .json name: the line scan names its problems). An array that
+    is broken (`[` first: it cannot be read as lines) raises DataError with the line."""
     data = path.read_bytes()
+    array = data.lstrip().startswith(b"[")
     try:
-        text = data.decode("utf-8")
+        value = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
+        if not array:
+            return False
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(f"{path} line {line}: undecodable text: byte 0x{data[err.start]:02x} is not UTF-8 "
                         "(a .json file must parse as a whole; as .jsonl, dataset.on_invalid=skip could skip "
                         "the row)") from None
-    try:
-        value = json.loads(text)
     except json.JSONDecodeError as err:
+        if not array:
+            return False
         raise DataError(f"{path} line {err.lineno} column {err.colno}: not JSON ({err.msg})") from None
-    rows = value if isinstance(value, list) else [value]
-    for index, item in enumerate(rows):
+    for index, item in enumerate(value if isinstance(value, list) else [value]):
         problem = _surrogate_problem(item)
         if problem:
             raise DataError(f"{path} row {index}: {problem}")
+    return True
 
 
 def _copy_with_markers(path: Path, bad: dict[int, str], cache_dir: Path) -> Path:

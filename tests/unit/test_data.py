@@ -252,3 +252,17 @@ def test_rows_whose_fields_change_type_are_checked_row_by_row(tmp_path):
     assert [e.index for e in examples] == [0, 3] and report.skipped == 2
     assert "row 1: prompt, chosen and rejected mix strings and message lists" in report.skip_messages[0]
     assert "row 2.chosen: expected a string or a non-empty list of messages, got bool" in report.skip_messages[1]
+
+
+def test_json_lines_under_a_json_name_are_read_and_scanned_by_line(tmp_path, monkeypatch):
+    """datasets reads a .json file in JSON Lines form; so does the check (by line, not as one document)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "d.json"
+    path.write_bytes(b"\n".join([GOOD, GOOD]) + b"\n")
+    examples, _ = load_examples(dcfg(path, format="preference"))
+    assert len(examples) == 2
+    path.write_bytes(b"\n".join([GOOD, b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}', GOOD]) + b"\n")
+    with pytest.raises(DataError, match=rf"{path} row 1 \(line 2\): undecodable text"):
+        load_examples(dcfg(path, format="preference"))
+    examples, report = load_examples(dcfg(path, format="preference", on_invalid="skip"))
+    assert [e.index for e in examples] == [0, 2] and report.skipped == 1
