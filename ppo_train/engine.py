@@ -30,7 +30,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:
@@ -43,7 +43,7 @@ def init_distributed(device_setting: str) -> DistInfo:
 
     if "WORLD_SIZE" not in os.environ:  # one process, no launcher: a free local port
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
             os.environ.setdefault(key, value)
     use_cuda = device_setting == "cuda" or (device_setting == "auto" and torch.cuda.is_available())
     if device_setting == "cuda" and not torch.cuda.is_available():

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 from ppo_train import checkpoint
-from ppo_train.engine import DistInfo
+from ppo_train.engine import DistInfo, free_port
 from ppo_train.errors import SaveFailed
 
 
@@ -91,10 +90,7 @@ def _rank(rank: int, port: int, root: str, results: str) -> None:
 def test_a_failure_on_one_rank_stops_every_rank_without_a_hang(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_rank, args=(port, str(tmp_path / "run"), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank, args=(free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=2, start_method="spawn")
     for rank in (0, 1):
         text = (tmp_path / f"rank{rank}").read_text()
         assert text.startswith("SaveFailed") and "No space left on device" in text, text
