@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ppo_train.errors import ConfigError  # noqa: F401  (re-exported: ppo_train.config.ConfigError)
+from ppo_train.errors import ConfigError
 from ppo_train.paths import asset_path, shared_data_dir, smollm2_dir
 
 

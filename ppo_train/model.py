@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer)
 
-from ppo_train.errors import ModelLoadError  # noqa: F401  (re-exported)
+from ppo_train.errors import ModelLoadError
 from ppo_train.logps import ResponseLogps, sum_per_response, token_logps
 
 FLEX = "pptrain_flex"

@@ -140,7 +140,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
             step += 1
             row = tracker.reduce(dist.world_size, dist.device)
             row.update(step=step, epoch=epoch, lr=engine.lr(), skipped_nonfinite=skipped)
-            if not writer.history:  # the data counts once, on the first row this run writes
+            if not writer.history:  # the data counts once, on the first row of metrics.jsonl (kept on resume)
                 row.update({f"data/{k}": v for k, v in data.report().items()})
             if step % t.log_every == 0 or step == total_steps:
                 writer.write(row)
