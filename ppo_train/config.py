@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ppo_train.errors import ConfigError
-from ppo_train.paths import asset_path, shared_data_dir, smollm2_dir
+from ppo_train.paths import asset_path, smollm2_dir
 
 
 @dataclass
@@ -310,7 +310,5 @@ def register_resolvers() -> None:
     """`${asset:smollm2}` resolves to a folder bundled with the package (a path, never code)."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda rel: str(asset_path(rel)))
-    if not OmegaConf.has_resolver("shared_data"):
-        OmegaConf.register_new_resolver("shared_data", lambda rel: str(shared_data_dir() / rel))
     if not OmegaConf.has_resolver("smollm2_dir"):
         OmegaConf.register_new_resolver("smollm2_dir", smollm2_dir)

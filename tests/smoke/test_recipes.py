@@ -77,14 +77,29 @@ def test_recipe_runs_two_steps_with_a_tiny_model(recipe, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
 
 
+# Recorded on one x86 CPU. Other x86 CPUs round differently (their kernels reduce in other
+# orders): on two of them the values moved by up to 4e-8 at step 2 and 2.1e-7 at step 4 (loss
+# 0.66853061 vs 0.66853071, margins 0.05815015 vs 0.05814994). The tolerance is about 5x that
+# drift and far below what a change of the math does to these numbers (a wrong label shift or
+# pair normalization moves the step-2 loss by more than 1e-3). Two runs on one machine still
+# agree bit for bit (the resume and 2-rank tests compare with ==).
+GOLDEN_ABS, GOLDEN_REL = 1e-6, 1e-5
+
+
 def test_golden_run_reproduces_recorded_losses(tmp_path):
-    """`tiny_dpo` on its first 120 rows, seed 42, first 4 steps: losses and margins exactly as
-    recorded (CPU, fp32). Regenerate tests/assets/golden_tiny_dpo.json (same command) only for a
-    change that is meant to change the math."""
+    """`tiny_dpo` on its first 120 rows, seed 42, first 4 steps: losses and margins as recorded
+    (CPU, fp32), within GOLDEN_ABS + GOLDEN_REL * |value|. Regenerate
+    tests/assets/golden_tiny_dpo.json (same command) only for a change that is meant to change
+    the math."""
     rows = run_pptrain(tmp_path / "run", "trainer.max_steps=4", "dataset.num_rows=120")
     got = [{"step": r["step"], "loss": r["loss"], "rewards/margins": r["rewards/margins"]} for r in rows]
     want = json.loads(GOLDEN.read_text())
-    assert got == want, f"got {got}\nwant {want}"
+    assert [g["step"] for g in got] == [w["step"] for w in want], f"got {got}\nwant {want}"
+    for g, w in zip(got, want):
+        for key in ("loss", "rewards/margins"):
+            diff = abs(g[key] - w[key])
+            assert diff <= GOLDEN_ABS + GOLDEN_REL * abs(w[key]), (
+                f"step {w['step']} {key}: got {g[key]!r}, recorded {w[key]!r}, difference {diff:.3e}")
 
 
 def test_paired_and_shared_layouts_train_identically(tmp_path):

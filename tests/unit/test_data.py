@@ -66,8 +66,8 @@ def test_implicit_prompt_from_messages_and_strings():
     assert p == "\n\nHuman: hi\n\nAssistant:" and a == " I am fine" and b == " I am not"
 
 
-def test_hh_rlhf_real_rows(shared_data, tok):
-    path = shared_data / "hh_rlhf" / "harmless_base_test_dev.jsonl"
+def test_hh_rlhf_real_rows(tok):
+    path = asset_path("hh_rlhf/harmless_base_600.jsonl")
     examples, report = load_examples(dcfg(path, num_rows=200, on_invalid="skip", format="implicit"))
     assert report.rows == 200 and report.kept + report.skipped == 200 and report.kept > 190
     first = json.loads(path.open().readline())
@@ -75,10 +75,10 @@ def test_hh_rlhf_real_rows(shared_data, tok):
     assert examples[0].prompt.endswith("\n\nAssistant:")
 
 
-def test_ultrafeedback_and_sharegpt_real_rows(shared_data, tok):
-    uf, _ = load_examples(dcfg(shared_data / "ultrafeedback" / "binarized_sample_train.jsonl", num_rows=20))
-    assert uf[0].conversational is False or isinstance(uf[0].prompt, list)
-    lf, _ = load_examples(dcfg(shared_data / "llamafactory" / "dpo_en_demo.json", num_rows=20))
+def test_ultrafeedback_and_sharegpt_real_rows(tok):
+    uf, _ = load_examples(dcfg(asset_path("ultrafeedback/binarized_sample_200.jsonl"), num_rows=20))
+    assert uf[0].conversational is False and isinstance(uf[0].prompt, str) and len(uf[0].responses) == 2
+    lf, _ = load_examples(dcfg(asset_path("llamafactory/dpo_en_demo_120.json"), num_rows=20))
     assert lf[0].conversational and lf[0].prompt[-1]["role"] == "user"
     tokenized, _ = tokenize_examples(lf, tok, dcfg("x"))
     assert all(t.response_ids[0][-1] == tok.eos_token_id for t in tokenized)
@@ -126,7 +126,7 @@ def test_bad_conversational_rows(tmp_path, row, needle):
     assert f"{path} row 0" in str(err.value) and needle in str(err.value), str(err.value)
 
 
-def test_scored_lists_form_all_strict_pairs_and_count_ties(tmp_path, shared_data):
+def test_scored_lists_form_all_strict_pairs_and_count_ties(tmp_path):
     from ppo_train.data.sources import pairs_from_scores
 
     pairs, ties = pairs_from_scores([3.0, 1.0, 3.0, 2.0])
@@ -137,6 +137,21 @@ def test_scored_lists_form_all_strict_pairs_and_count_ties(tmp_path, shared_data
     examples, report = load_examples(dcfg(path, on_invalid="skip", max_responses=4))
     assert report.tied_rows == 1 and report.capped_responses == 1 and report.tied_pairs == 1
     assert len(examples) == 1 and len(examples[0].responses) == 4 and len(examples[0].pairs) == 5
+    # eight scored responses per prompt (AlpacaEval's shape), with ties among the scores
+    rng = __import__("random").Random(3)
+    rows = [{"prompt": f"p{i}", "responses": [f"r{i}-{j}" for j in range(8)],
+             "scores": [rng.choice([0.1, 0.5, 0.9, 0.9]) + rng.randrange(3) for _ in range(8)]} for i in range(10)]
+    ranked, rep = load_examples(dcfg(write_jsonl(tmp_path, rows, "k8.jsonl")))
+    assert rep.kept == 10 and all(len(e.responses) == 8 for e in ranked)
+    for ex, row in zip(ranked, rows):
+        s = row["scores"]
+        assert ex.scores == s and all(s[w] > s[l] for w, l in ex.pairs)
+        assert len(ex.pairs) + sum(s[i] == s[j] for i in range(8) for j in range(i + 1, 8)) == 28
+
+
+@pytest.mark.slow
+def test_alpaca_eval_ranked_real_rows(shared_data):
+    """AlpacaEval K = 8 (CC BY-NC 4.0, so not bundled): read from ../shared/data when present."""
     alpaca, rep = load_examples(dcfg(shared_data / "alpaca_eval" / "ranked_k8_dev.jsonl", num_rows=10))
     assert rep.kept == 10 and all(len(e.responses) == 8 for e in alpaca)
     s = alpaca[0].scores
@@ -144,14 +159,15 @@ def test_scored_lists_form_all_strict_pairs_and_count_ties(tmp_path, shared_data
     assert len(alpaca[0].pairs) + sum(s[i] == s[j] for i in range(8) for j in range(i + 1, 8)) == 28
 
 
-def test_pandalm_majority_and_ties(shared_data):
-    examples, report = load_examples(dcfg(shared_data / "pandalm" / "testset-v1.json", on_invalid="skip"))
-    raw = json.loads((shared_data / "pandalm" / "testset-v1.json").read_text())
+def test_pandalm_majority_and_ties():
+    path = asset_path("pandalm/testset_v1_300.json")
+    examples, report = load_examples(dcfg(path, on_invalid="skip"))
+    raw = json.loads(path.read_text())
     row = raw[examples[0].index]
     votes = [row[f"annotator{i}"] for i in (1, 2, 3)]
     want = (0, 1) if votes.count(1) > votes.count(2) else (1, 0)
     assert examples[0].pairs == [want] and report.tied_rows > 0
-    assert report.kept + report.skipped == report.rows == 999
+    assert report.kept + report.skipped == report.rows == 300
 
 
 GOOD = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}).encode()
