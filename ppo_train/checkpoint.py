@@ -22,11 +22,14 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ppo_train import fileio
+from ppo_train.dist import gather_objects
 from ppo_train.errors import WRITE_ERRORS, SaveFailed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -58,6 +61,18 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
     if not (path / "COMPLETE").is_file():
         raise FileNotFoundError(f"trainer.resume={resume!r}: not a complete checkpoint folder (no COMPLETE file)")
     return path
+
+
+def resume(engine, run_dir: Path, setting: str | None) -> int | None:
+    """Restore the checkpoint `trainer.resume` names; the step it was saved at, or None when
+    training starts fresh."""
+    path = find_resume(run_dir, setting)
+    if path is None:
+        return None
+    step = load(engine, path)["step"]
+    if engine.dist.is_main:
+        print(f"pptrain: resumed from {path} at step {step}", file=sys.stderr)
+    return step
 
 
 def _rng_state() -> dict:
@@ -106,9 +121,7 @@ def save(engine, run_dir: Path, step: int, epoch: int, extra: dict, keep_last: i
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, **extra}, indent=2))
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "COMPLETE").write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        fileio.publish(tmp, final)
 
     error = _agree(_attempt(prepare) if dist.is_main else None, dist)
     if error is None:
@@ -139,11 +152,7 @@ def _attempt(action) -> str | None:
 
 def _agree(error: str | None, dist) -> str | None:
     """Every rank learns the first rank's error (a collective: it is also the barrier)."""
-    if dist.world_size == 1:
-        return error
-    errors: list = [None] * dist.world_size
-    torch.distributed.all_gather_object(errors, error)
-    return next((e for e in errors if e is not None), None)
+    return next((e for e in gather_objects(error, dist) if e is not None), None)
 
 
 def diagnose(folder: Path) -> str:

@@ -12,13 +12,17 @@ import re
 import sys
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ppo_train.config import config_problems, register_resolvers, register_schemas, validate
+from ppo_train import config
+from ppo_train.config_check import config_problems, validate
 from ppo_train.errors import ConfigError, PptrainError
-from ppo_train.paths import config_dir, recipe_dirs
+
+# The packaged configs: `configs/` of the checkout, `ppo_train/conf` in a wheel. Its `recipe`
+# group is the top-level `recipes/` folder (configs/recipe links to it); users add their own
+# groups and recipes with Hydra's --config-dir (DIR/recipe/NAME.yaml) or hydra.searchpath.
+CONFIG_MODULE = "ppo_train.conf"
 
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(?:=(\d+))?$")
 
@@ -40,34 +44,17 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def register_recipes() -> list[str]:
-    """Store every recipes/*.yaml in the `recipe` group, as a global-package delta.
-
-    Recipes are plain Hydra config files (`# @package _global_`, a defaults list of
-    `override /group: option`); storing them here lets them live in the top-level
-    `recipes/` folder, in an installed wheel, or in the folders of PPTRAIN_RECIPES.
-    """
-    cs = ConfigStore.instance()
-    names = []
-    for folder in recipe_dirs():
-        for path in sorted(folder.glob("*.yaml")):
-            node = OmegaConf.load(path)
-            cs.store(group="recipe", name=path.stem, node=node, package="_global_")
-            names.append(path.stem)
-    return names
-
-
-def compose(overrides: list[str] | None = None) -> DictConfig:
+def compose(overrides: list[str] | None = None, config_dirs=()) -> DictConfig:
     """The composed config for these overrides, as the command line would build it (for
-    tests and notebooks); interpolations that need Hydra's runtime are left unresolved."""
+    tests and notebooks; `config_dirs` as --config-dir); interpolations that need Hydra's
+    runtime are left unresolved."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
 
-    register_resolvers()
-    register_schemas()
-    register_recipes()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
+    config.register()
+    extra = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in config_dirs)}]"] if config_dirs else []
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=[*extra, *(overrides or [])], return_hydra_config=False)
 
 
 def preflight(args: list[str]) -> list[str]:
@@ -76,12 +63,12 @@ def preflight(args: list[str]) -> list[str]:
     remaining overrides compose, so that one message lists everything (sweeps: first values)."""
     from hydra.errors import HydraException
 
-    from ppo_train.config_keys import command_line_problems
+    from ppo_train.config_check import command_line_problems, config_dirs_of
 
     problems, good = command_line_problems(args)
     if problems:
         try:
-            problems += config_problems(compose(good))
+            problems += config_problems(compose(good, config_dirs_of(args)))
         except (HydraException, ValueError) as err:  # composition itself failed: Hydra says why
             problems.append(str(err.__cause__ or err).splitlines()[0])
     return problems
@@ -120,15 +107,13 @@ def main() -> None:
         # one run directory written by rank 0 only: other ranks keep no Hydra log or config copy
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     quiet_libraries()
-    register_resolvers()
-    register_schemas()
-    register_recipes()
+    config.register()
     problems = preflight(sys.argv[1:])
     if problems:
         print(f"pptrain: {ConfigError(problems)}", file=sys.stderr)
         sys.exit(2)
 
-    @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+    @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
         try:
             run(cfg)

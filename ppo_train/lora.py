@@ -7,10 +7,11 @@ attenuate attention to the other sequences of a packed row.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
+
+from ppo_train import fileio
 
 
 def lora_config(settings: DictConfig, reward: bool = False):
@@ -37,21 +38,27 @@ def export_lora(state: dict, fresh_model, settings: DictConfig, out_dir: Path, t
     missing, unexpected = inner.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "lora_" in k]:
         raise RuntimeError(f"LoRA export: unexpected keys {unexpected[:5]}, missing adapter keys {missing[:5]}")
-    adapter_dir = out_dir.with_name("adapter")
-    for folder in (adapter_dir, out_dir):
-        shutil.rmtree(folder.with_name(folder.name + ".tmp"), ignore_errors=True)
-    peft_model.save_pretrained(adapter_dir.with_name("adapter.tmp"))
-    tokenizer.save_pretrained(adapter_dir.with_name("adapter.tmp"))
-    _replace(adapter_dir)
+    with fileio.staged(out_dir.with_name("adapter")) as tmp:
+        peft_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     if settings.merge_on_export:
         merged = peft_model.merge_and_unload()
-        merged.save_pretrained(out_dir.with_name(out_dir.name + ".tmp"), safe_serialization=True)
-        tokenizer.save_pretrained(out_dir.with_name(out_dir.name + ".tmp"))
-        _replace(out_dir)
+        with fileio.staged(out_dir) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
 
 
-def _replace(final: Path) -> None:
-    tmp = final.with_name(final.name + ".tmp")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+def lora_writer(cfg: DictConfig, tokenizer):
+    """The `writer(state, out_dir)` that Engine.export calls on rank 0 for a LoRA run: a fresh
+    model (same config and seed) receives the gathered weights with its adapters."""
+    from ppo_train.losses import LOSSES
+    from ppo_train.model import dtype_of, load_causal_lm
+
+    reward = LOSSES[cfg.loss.name].reward_head
+
+    def write(state: dict, out_dir: Path) -> None:
+        fresh = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision), "sdpa", cfg.trainer.seed,
+                               reward=reward, pad_token_id=tokenizer.pad_token_id)
+        export_lora(state, fresh, cfg.model.lora, out_dir, tokenizer, reward=reward)
+
+    return write

@@ -59,4 +59,4 @@ def build_mask(doc_ids: torch.Tensor, segment_ids: torch.Tensor, backend: str):
 def resolve_backend(setting: str, device: torch.device) -> str:
     if setting == "auto":
         return "flex" if device.type == "cuda" else "sdpa"
-    return setting
+    return str(setting)

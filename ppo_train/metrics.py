@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from ppo_train import fileio
+from ppo_train.dist import reduce
+
 
 class StepMetrics:
     """Sums of per-pair metrics and token counts of one optimizer step (this rank)."""
@@ -31,14 +34,11 @@ class StepMetrics:
         self.sums["tokens"] += batch.shape[0] * batch.shape[1]
         self.sums["real_tokens"] += batch.real_tokens
 
-    def reduce(self, world_size: int, device) -> dict[str, float]:
+    def reduce(self, dist) -> dict[str, float]:
+        """The step's row: totals over ranks (every rank must call it, with the same keys)."""
         keys = sorted(self.sums)
-        if world_size > 1:
-            t = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(t)
-            totals = dict(zip(keys, t.tolist()))
-        else:
-            totals = dict(self.sums)
+        summed = reduce(torch.tensor([self.sums[k] for k in keys], dtype=torch.float64), dist)
+        totals = dict(zip(keys, summed.tolist()))
         seconds = time.perf_counter() - self.start
         # per-pair means over the pairs that entered the loss (skipped micro-batches excluded);
         # None when a step had none
@@ -69,7 +69,7 @@ class MetricsWriter:
                 # keep the rows up to the checkpoint; later ones are trained again
                 kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
                 self.history = [json.loads(line) for line in kept]
-                path.write_text("".join(line + "\n" for line in kept))
+                fileio.write_text(path, "".join(line + "\n" for line in kept))
             self.file = open(path, "a" if resume_step is not None else "w")
         self.progress = None
         if enabled and progress:

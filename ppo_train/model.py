@@ -1,5 +1,5 @@
-"""Load the tokenizer and the causal LM, plug our attention in through transformers'
-AttentionInterface, and wrap the model so one forward returns per-response log-probs.
+"""Load the tokenizer and the model, plug our attention in through transformers'
+AttentionInterface, and build the module that training wraps (`build_policy`).
 
 Attention: `sdpa` (transformers' own) receives our dense 4-D boolean mask as is;
 `pptrain_flex` (registered here) runs FlexAttention with our BlockMask, compiled on CUDA.
@@ -18,7 +18,7 @@ from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, 
                           AutoTokenizer)
 
 from ppo_train.errors import ModelLoadError
-from ppo_train.logps import ResponseLogps, sum_per_response, token_logps
+from ppo_train.fileio import is_local_path
 
 FLEX = "pptrain_flex"
 
@@ -47,7 +47,15 @@ def attn_implementation(backend: str) -> str:
     return FLEX if backend == "flex" else "sdpa"
 
 
-def load_tokenizer(cfg: DictConfig):
+def dtype_of(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[str(precision)]
+
+
+def load_tokenizer(cfg: DictConfig, reward: bool = False):
+    """The tokenizer of `model.tokenizer` (default `model.name_or_path`). Padding is masked out
+    and never scored, so a missing pad token becomes EOS; for a reward model (`reward=True`)
+    the pad token must not be EOS, because the exported classifier pools at the last non-pad
+    token: EOS-as-pad is replaced by UNK or BOS."""
     source = cfg.tokenizer or cfg.name_or_path
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -55,7 +63,9 @@ def load_tokenizer(cfg: DictConfig):
         raise ModelLoadError(f"model.tokenizer={source!r}: cannot load a tokenizer from it ({err}); "
                              "give a local folder with tokenizer files or a hub id") from err
     if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # padding is masked out and never scored
+        tok.pad_token = tok.eos_token
+    if reward and tok.pad_token_id == tok.eos_token_id:
+        tok.pad_token = tok.unk_token or tok.bos_token
     return tok
 
 
@@ -81,7 +91,7 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
             model = auto.from_config(config, attn_implementation=impl, dtype=dtype)
         return model
     local = Path(name_or_path).expanduser()
-    if (name_or_path.startswith(("/", ".", "~")) or local.exists()) and not local.is_dir():
+    if is_local_path(name_or_path) and not local.is_dir():
         raise ModelLoadError(f"model path {name_or_path!r} does not exist; give a folder saved with "
                              "save_pretrained or a hub id")
     if local.is_dir() and not gguf_file and not cfg.gguf_file and not list(local.glob("*.safetensors")) \
@@ -146,82 +156,24 @@ def check_architecture(config, longest_sequence: int = 0) -> None:
             "reproduce this, so its log-probs would be wrong; tested architectures: llama, qwen2, mistral")
 
 
-def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The transformer body (returns hidden states) and the output projection."""
-    body = getattr(model, model.base_model_prefix, None)
-    head = model.get_output_embeddings()
-    if body is None or head is None:
-        raise ModelLoadError(f"{type(model).__name__}: cannot find its decoder and output head")
-    return body, head
+def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) -> torch.nn.Module:
+    """The trained module: the model (a causal LM, or a one-label classifier for a reward loss),
+    with LoRA adapters if asked, gradient checkpointing if asked, wrapped for scoring."""
+    from ppo_train.losses import LOSSES
+    from ppo_train.masks import resolve_backend
+    from ppo_train.scoring import PolicyModule, RewardModule
 
+    reward = LOSSES[cfg.loss.name].reward_head
+    model = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision),
+                           resolve_backend(cfg.model.attention, dist.device), cfg.trainer.seed, reward=reward,
+                           pad_token_id=tokenizer.pad_token_id, longest_sequence=longest_sequence)
+    if cfg.model.lora.enabled:
+        from ppo_train.lora import apply_lora
 
-def _max_over_ranks(value: int, device) -> int:
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
-
-
-class PolicyModule(torch.nn.Module):
-    """Wraps a causal LM: forward(batch tensors, mask) -> per-response log-prob sums and counts.
-
-    Doing the whole computation inside one module's forward keeps DeepSpeed's ZeRO-3
-    parameter gathering (its hooks run around module forwards) in charge of every weight.
-    """
-
-    def __init__(self, model: torch.nn.Module, logits_chunk: int = 1024):
-        super().__init__()
-        self.model = model
-        self.logits_chunk = logits_chunk
-
-    def forward(self, input_ids, position_ids, attention_mask, pred_index, target_ids, target_response,
-                num_responses: int) -> tuple[torch.Tensor, torch.Tensor]:
-        body, head = decoder_and_head(self.model)
-        hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False).last_hidden_state
-        # the same number of head calls on every rank (ZeRO-3 gathers the head at each call);
-        # at least one, so an empty micro-batch keeps the head in the graph too
-        chunks = _max_over_ranks(max(1, -(-pred_index.numel() // self.logits_chunk)), hidden.device)
-        lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk, chunks)
-        out = sum_per_response(lps, target_response, num_responses)
-        if pred_index.numel() == 0:
-            return out.sums + lps.sum().double(), out.counts  # lps holds the 0-valued head term
-        return out.sums, out.counts
-
-
-class RewardModule(torch.nn.Module):
-    """Wraps a one-label sequence classifier: forward -> one scalar per response, read at the
-    response's *last* token (in a shared row that is not the row's last non-pad token, which
-    is where transformers' own pooling would look)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        if not isinstance(getattr(model, "score", None), torch.nn.Module):
-            raise ModelLoadError(f"{type(model).__name__}: no `score` head; reward models need one "
-                                 "(Llama, Qwen2 and Mistral classifiers have it)")
-
-    def forward(self, input_ids, position_ids, attention_mask, last_index, num_responses: int):
-        body = getattr(self.model, self.model.base_model_prefix)
-        hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False).last_hidden_state
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        # exactly one head call on every rank, empty micro-batch included (ZeRO-3 gathers per call)
-        rows = last_index if last_index.numel() else last_index.new_zeros(1)
-        rewards = self.model.score(flat.index_select(0, rows)).squeeze(-1).double()
-        if last_index.numel() == 0:
-            rewards = rewards[:0] + 0.0 * rewards.sum()
-        return rewards, torch.ones_like(rewards)
-
-
-def batch_logps(module, batch, mask) -> ResponseLogps:
-    """Per-response scores of one batch: log-prob sums and token counts for a PolicyModule,
-    rewards (in `sums`, counts 1) for a RewardModule. `module` may be a DeepSpeed engine."""
-    inner = getattr(module, "module", module)
-    if isinstance(inner, RewardModule):
-        sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.last_index, batch.num_responses)
-    else:
-        sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.pred_index, batch.target_ids,
-                              batch.target_response, batch.num_responses)
-    return ResponseLogps(sums, counts)
+        peft_model, model = apply_lora(model, cfg.model.lora, reward=reward)
+        if dist.is_main:
+            peft_model.print_trainable_parameters()
+    if cfg.trainer.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return RewardModule(model) if reward else PolicyModule(model, cfg.model.logits_chunk, dist)

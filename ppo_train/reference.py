@@ -1,26 +1,36 @@
-"""Reference log-probs: computed once before training, with the same layout and mask as
-training, kept in memory and written to the run directory (reused when it matches).
+"""Reference log-probs, for the losses that compare the policy against a reference (DPO).
 
-The table is indexed by (unit uid, response k), so any later packing or shuffling of the
-same units finds its values.
+- The cached table (default): one no-grad pass of the reference over every unit before
+  training, with the same layout and mask as training, gathered on every rank, kept in
+  memory and written to the run directory; a rerun reuses it when its fingerprint (model
+  identity, data tokens, layout, seed, precision) matches. Indexed by (unit uid, response k),
+  so any later packing or shuffling of the same units finds its values.
+- `reference.live=true`: a frozen copy of the reference runs beside the policy on every
+  batch, with the batch's mask (for when the table would not fit); sharded under ZeRO-3.
+
+The reference is the initial policy (`reference.name_or_path=null`; the table is computed
+before the first update) or a separate checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from ppo_train.data.collate import PackedBatch, collate
+from ppo_train import fileio
 from ppo_train.data.layout import Unit
-from ppo_train.data.packing import MicroBatch, group_steps
+from ppo_train.data.schedule import Schedule
+from ppo_train.dist import DistInfo, reduce
 from ppo_train.errors import WRITE_ERRORS
 from ppo_train.logps import ResponseLogps
-from ppo_train.masks import build_mask
-from ppo_train.model import batch_logps
+from ppo_train.scoring import Scored, Scorer, forward_scores
+
 
 def _file(split: str) -> str:
     return "reference_logps.safetensors" if split == "train" else f"reference_logps_{split}.safetensors"
@@ -28,23 +38,18 @@ def _file(split: str) -> str:
 
 class ReferenceTable:
     def __init__(self, sums: torch.Tensor, counts: torch.Tensor, fingerprint: str):
-        self.sums, self.counts, self.fingerprint = sums, counts, fingerprint  # (U, Kmax)
+        self.sums, self.counts, self.fingerprint = sums, counts, fingerprint  # (U, Kmax) float64, CPU
 
-    def scores(self, batch: PackedBatch, mask=None) -> ResponseLogps:
-        """The batch's reference values, looked up by (unit, response); `mask` is unused (it
-        matches LiveReference.scores)."""
+    def scores(self, scored: Scored) -> ResponseLogps:
+        """The batch's reference values, looked up by (unit, response)."""
+        batch = scored.batch
         u, k = batch.response_unit.cpu(), batch.response_k.cpu()
         device = batch.input_ids.device
         return ResponseLogps(self.sums[u, k].to(device), self.counts[u, k].to(device))
 
     def save(self, run_dir: Path, split: str = "train") -> None:
-        tmp = run_dir / (_file(split) + ".tmp")
-        try:
+        with fileio.staged(run_dir / _file(split)) as tmp:
             save_file({"sums": self.sums, "counts": self.counts}, str(tmp), metadata={"fingerprint": self.fingerprint})
-            tmp.rename(run_dir / _file(split))
-        except WRITE_ERRORS:
-            tmp.unlink(missing_ok=True)
-            raise
 
     @classmethod
     def load(cls, run_dir: Path, fingerprint: str, split: str = "train") -> "ReferenceTable | None":
@@ -60,43 +65,10 @@ class ReferenceTable:
         return cls(tensors["sums"], tensors["counts"], fingerprint)
 
 
-def fingerprint(units: list[Unit], identity: dict) -> str:
-    """Hash of the reference model's identity and every token of every unit."""
-    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
-    for u in units:
-        h.update(u.input_ids.tobytes())
-        h.update(u.resp_len.tobytes())
-    return h.hexdigest()
-
-
-@torch.no_grad()
-def compute_reference(module, units: list[Unit], plan: list[MicroBatch], backend: str, pad_id: int,
-                      device: torch.device, rank: int, world_size: int, fp: str) -> ReferenceTable:
-    """Forward every micro-batch of `plan` once (this rank's share), gather the table on all ranks."""
-    kmax = max(u.num_responses for u in units)
-    sums = torch.zeros(len(units), kmax, dtype=torch.float64)
-    counts = torch.zeros(len(units), kmax, dtype=torch.float64)
-    was_training = module.training
-    module.eval()
-    for group in group_steps(plan, world_size):  # equal forward counts on every rank (ZeRO-3)
-        batch = collate(units, group[rank], pad_id).to(device)
-        mask = build_mask(batch.doc_ids, batch.segment_ids, backend)
-        out = batch_logps(module, batch, mask)
-        u, k = batch.response_unit.cpu(), batch.response_k.cpu()
-        sums[u, k] = out.sums.double().cpu()
-        counts[u, k] = out.counts.double().cpu()
-    module.train(was_training)
-    if world_size > 1:
-        torch.distributed.all_reduce(sums)
-        torch.distributed.all_reduce(counts)
-    return ReferenceTable(sums, counts, fp)
-
-
 class LiveReference:
-    """A frozen reference model run beside the policy on every batch, with the same mask
-    (for when the cache would not fit). Under ZeRO-3 it is sharded like the policy."""
+    """A frozen reference model run beside the policy on every batch, with the same mask."""
 
-    def __init__(self, module: torch.nn.Module, trainer_cfg, dist):
+    def __init__(self, module: torch.nn.Module, trainer_cfg, dist: DistInfo):
         import deepspeed
 
         from ppo_train.engine import deepspeed_config
@@ -109,5 +81,88 @@ class LiveReference:
         self.engine, *_ = deepspeed.initialize(model=module, config=config, dist_init_required=False)
 
     @torch.no_grad()
-    def scores(self, batch: PackedBatch, mask) -> ResponseLogps:
-        return batch_logps(self.engine, batch, mask)
+    def scores(self, scored: Scored) -> ResponseLogps:
+        return forward_scores(self.engine, scored.batch, scored.mask)
+
+
+def fingerprint(units: list[Unit], identity: dict) -> str:
+    """Hash of the reference model's identity and every token of every unit."""
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    for u in units:
+        h.update(u.input_ids.tobytes())
+        h.update(u.resp_len.tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compute_table(module, scorer: Scorer, schedule: Schedule, dist: DistInfo, fp: str) -> ReferenceTable:
+    """Forward every micro-batch of one epoch once (this rank's share; every rank makes the same
+    number of forwards, as ZeRO-3 needs), and sum the table over ranks."""
+    units = scorer.units
+    kmax = max(u.num_responses for u in units)
+    sums = torch.zeros(len(units), kmax, dtype=torch.float64)
+    counts = torch.zeros(len(units), kmax, dtype=torch.float64)
+    was_training = module.training
+    module.eval()
+    for step in schedule.steps():
+        for mb in step.micro_batches:
+            scored = scorer(module, mb)
+            u, k = scored.batch.response_unit.cpu(), scored.batch.response_k.cpu()
+            sums[u, k] = scored.scores.sums.double().cpu()
+            counts[u, k] = scored.scores.counts.double().cpu()
+    module.train(was_training)
+    return ReferenceTable(reduce(sums, dist), reduce(counts, dist), fp)
+
+
+def reference_module(cfg, tokenizer, dist: DistInfo, longest_sequence: int = 0):
+    """A fresh, frozen copy of the initial policy (same seed, same weights) or of
+    reference.name_or_path, wrapped for scoring."""
+    from ppo_train.masks import resolve_backend
+    from ppo_train.model import dtype_of, load_causal_lm
+    from ppo_train.scoring import PolicyModule
+
+    model = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision),
+                           resolve_backend(cfg.model.attention, dist.device), cfg.trainer.seed,
+                           cfg.reference.name_or_path, cfg.reference.gguf_file, longest_sequence=longest_sequence)
+    return PolicyModule(model, cfg.model.logits_chunk, dist)
+
+
+def _table(cfg, engine, scorer: Scorer, dist: DistInfo, run_dir: Path, tokenizer, split: str,
+           longest: int) -> ReferenceTable:
+    """The table of one split, computed once before training (or found in the run directory)."""
+    identity = {"reference": OmegaConf.to_container(cfg.reference, resolve=True),
+                "model": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.trainer.seed,
+                "precision": cfg.trainer.precision, "layout": cfg.layout.name, "split": split}
+    fp = fingerprint(scorer.units, identity)
+    table = ReferenceTable.load(run_dir, fp, split) if cfg.reference.cache else None
+    if table is not None:
+        return table
+    if cfg.reference.name_or_path is None:
+        module = engine.engine  # the initial policy, before any update
+    else:
+        module = reference_module(cfg, tokenizer, dist, longest).to(dist.device)
+    plan = Schedule(scorer.units, cfg.packing, cfg.trainer.micro_batch_size, cfg.trainer.seed, dist.world_size,
+                    dist.rank)
+    table = compute_table(module, scorer, plan, dist, fp)
+    if cfg.reference.cache and dist.is_main:
+        try:
+            table.save(run_dir, split)
+        except WRITE_ERRORS as err:  # only a cache: training goes on with the table in memory
+            print(f"pptrain: warning: could not write the reference cache to {run_dir} ({err}); "
+                  "training goes on, a resumed run recomputes it", file=sys.stderr)
+    return table
+
+
+def build_references(cfg, engine, scorer: Scorer, data, dist: DistInfo, run_dir: Path, tokenizer):
+    """(training reference, evaluation reference), each None for a reference-free loss."""
+    from ppo_train.losses import LOSSES
+
+    if not LOSSES[cfg.loss.name].needs_reference:
+        return None, None
+    if cfg.reference.live:
+        live = LiveReference(reference_module(cfg, tokenizer, dist, data.longest_sequence), cfg.trainer, dist)
+        return live, live
+    train = _table(cfg, engine, scorer, dist, run_dir, tokenizer, "train", data.longest_sequence)
+    evaluation = _table(cfg, engine, scorer.with_units(data.eval_units), dist, run_dir, tokenizer, "eval",
+                        data.longest_sequence) if data.eval_units else None
+    return train, evaluation

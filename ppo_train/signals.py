@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
+from ppo_train.dist import any_rank
 
 
 class StopRequest:
@@ -20,13 +20,9 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
 
-    def any_rank(self, world_size: int, device) -> bool:
+    def any_rank(self, dist) -> bool:
         """True if any rank was asked to stop (a launcher may signal only some ranks)."""
-        if world_size == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        torch.distributed.all_reduce(flag)
-        return bool(flag.item() > 0)
+        return any_rank(self.requested, dist)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from ppo_train import fileio
 from ppo_train.data.layout import build_units
 from ppo_train.data.packing import plan_epoch
 from ppo_train.data.pipeline import PreparedData, prepare
@@ -150,10 +151,7 @@ def print_stats(stats: dict, console=None) -> None:
 
 
 def write_stats(stats: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(stats, indent=2) + "\n")
-    return path
+    return fileio.write_text(Path(path), json.dumps(stats, indent=2) + "\n")
 
 
 def run_stats(cfg: DictConfig, out_dir: str | Path) -> dict:

@@ -1,13 +1,335 @@
-"""The benchmark grid (layout x packing, real DPO steps): `python scripts/bench.py --help`.
+"""The benchmark grid: layout {paired, shared} x packing {none, ffd, sorted}, real DPO steps.
 
-    python scripts/bench.py                          # CPU default: model=tiny, 160 HH-RLHF rows
-    python scripts/bench.py --big                    # a ~50M-parameter Llama on 48 rows
-    python scripts/bench.py trainer=gpu model.attention=flex dataset.num_rows=512   # on a GPU
+Method (every choice here keeps the grid points comparable):
 
-Writes outputs/bench/{bench.json, bench.md, bench.png}; see ppo_train/bench.py for the method.
+- Config: `compose([*overrides, "layout=L", "packing=P", "run_name=bench"])`, so a point is
+  exactly what `pptrain layout=L packing=P ...` would train.
+- Data: the same examples everywhere: `stats.comparable_examples` (those whose paired unit
+  fits one ffd row), the first `num_units` of them, laid out per point.
+- Model: `load_causal_lm` with `trainer.seed`, so every point starts from the same weights.
+- Reference: one untimed no-grad pass of the initial model (`reference.compute_table`,
+  same layout, plan and mask as the point).
+- Optimizer: plain `torch.optim.AdamW` (lr `trainer.lr`, constant; clipping at
+  `trainer.max_grad_norm`), not the DeepSpeed `Engine`: a step here is a variable number
+  of micro-batches, which DeepSpeed's fixed `gradient_accumulation_steps` cannot express,
+  and ZeRO-3's per-module hooks would add a per-micro-batch cost that is neither layout
+  nor packing. The loss is normalized by the step's pair count, as in train.py.
+- Step: consecutive micro-batches of the epoch plan until they hold >= `units_per_step`
+  prompts (ffd micro-batches hold many prompts, none/sorted `trainer.micro_batch_size`).
+- Warm-up: the first `warmup_steps` steps of the epoch-1 plan (same units, another order),
+  untimed. Timed: full passes over the epoch-0 plan, so every point processes exactly
+  the same prompts; samples/s = prompts / seconds of the fastest of `repeats` passes
+  (`other_cpu_share` says how much other processes used the CPU during it).
+- Memory: each point runs in a fresh subprocess by default; the peak (scripts/probe.py: RSS
+  on the CPU, max allocated on CUDA) is reset after the warm-up, so it covers the timed passes.
+- Compiles: new dynamo graphs during the timed pass (`counters["stats"]["unique_graphs"]`);
+  0 means no recompilation after the warm-up (the CUDA flex path compiles attention).
+
+Speedups are relative to paired+none. Two ideals are reported beside the achieved one:
+`ideal_padded` = padded tokens of paired+none / padded tokens of the point (prefix sharing
+and packing together, counting every processed slot), and `ideal_prefix` = the
+prefix-sharing token ratio from `stats` (shared layouts; 1 for paired). The plot shows
+achieved against `ideal_padded`.
 """
 
-from ppo_train.bench import main
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import probe
+
+SCRIPT = Path(__file__).resolve()
+GRID = [(layout, packer) for layout in ("paired", "shared") for packer in ("none", "ffd", "sorted")]
+BIG_MODEL = ["model.from_config.hidden_size=512", "model.from_config.num_hidden_layers=8",
+             "model.from_config.intermediate_size=1536", "model.from_config.num_attention_heads=8",
+             "model.from_config.num_key_value_heads=4"]
+
+
+@dataclass
+class BenchOptions:
+    grid: list = field(default_factory=lambda: list(GRID))  # (layout, packer) pairs
+    warmup_steps: int = 1
+    units_per_step: int = 16  # prompts per optimizer step
+    num_units: int | None = None  # cap on the examples used (None = all prepared)
+    repeats: int = 2  # timed passes per point; the fastest is reported
+    threads: int | None = None  # torch intra-op threads (None = torch's default)
+    subprocess: bool = True  # one fresh process per point (honest peak memory)
+    trl: bool = True  # try TRL's DPOTrainer as a baseline when trl is importable
+
+
+def point_config(overrides: list[str], layout: str, packer: str):
+    """What `pptrain <overrides> layout=L packing=P` would train."""
+    from ppo_train.cli import compose
+
+    return compose([*overrides, f"layout={layout}", f"packing={packer}", "run_name=bench"])
+
+
+def _compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def group_by_units(plan: list, units_per_step: int) -> list[list]:
+    """Consecutive micro-batches, cut once a group holds >= units_per_step prompts."""
+    steps, current, count = [], [], 0
+    for mb in plan:
+        current.append(mb)
+        count += len(mb.units)
+        if count >= units_per_step:
+            steps.append(current)
+            current, count = [], 0
+    if current:
+        steps.append(current)
+    return steps
+
+
+@dataclass
+class Tally:
+    units: int = 0
+    pairs: int = 0
+    micro_batches: int = 0
+    steps: int = 0
+    real_tokens: int = 0
+    total_tokens: int = 0
+    mask_s: float = 0.0
+    collate_s: float = 0.0
+    last_loss: float = float("nan")
+
+
+def train_steps(ctx: dict, steps: list[list], tally: Tally) -> None:
+    """Real optimizer steps over micro-batch groups through the Scorer (collate and mask timed apart)."""
+    from ppo_train.scoring import Scored, forward_scores
+
+    units, device, cfg, scorer = ctx["units"], ctx["device"], ctx["cfg"], ctx["scorer"]
+    for group in steps:
+        step_pairs = sum(len(units[u].pairs) for mb in group for u in mb.units)
+        loss_sum = 0.0
+        for mb in group:
+            t0 = time.perf_counter()
+            batch = scorer.batch(mb)
+            t1 = probe.sync(device)
+            mask = scorer.mask(batch)
+            tally.mask_s += probe.sync(device) - t1
+            tally.collate_s += t1 - t0
+            scored = Scored(batch, mask, forward_scores(ctx["module"], batch, mask))
+            ref = ctx["reference"].scores(scored) if ctx["reference"] is not None else None
+            per_pair, _ = ctx["loss"].fn(scored.scores, ref, batch.pairs, cfg.loss)
+            loss = per_pair.sum() / max(step_pairs, 1)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            tally.units += len(mb.units)
+            tally.pairs += batch.num_pairs
+            tally.micro_batches += 1
+            tally.real_tokens += batch.real_tokens
+            tally.total_tokens += batch.shape[0] * batch.shape[1]
+        torch.nn.utils.clip_grad_norm_(ctx["module"].parameters(), cfg.trainer.max_grad_norm)
+        ctx["optimizer"].step()
+        ctx["optimizer"].zero_grad(set_to_none=True)
+        tally.steps += 1
+        tally.last_loss = loss_sum
+
+
+def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptions) -> dict:
+    """Config, data, model, optimizer and reference log-probs of one grid point."""
+    from ppo_train.data.layout import build_units
+    from ppo_train.data.schedule import Schedule
+    from ppo_train.dist import SINGLE, device_for
+    from ppo_train.losses import LOSSES
+    from ppo_train.model import build_policy, load_tokenizer
+    from ppo_train.reference import compute_table
+    from ppo_train.scoring import Scorer
+    from ppo_train.stats import comparable_examples
+
+    cfg = point_config(overrides, layout, packer)
+    loss = LOSSES[cfg.loss.name]
+    if loss.reward_head:
+        raise ValueError(f"loss={cfg.loss.name}: the benchmark trains causal-LM losses only")
+    device = device_for(cfg.trainer.device)
+    torch.manual_seed(cfg.trainer.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    examples = comparable_examples(cfg, tokenizer)[0][: opts.num_units]
+    units = build_units(examples, layout)
+    t = cfg.trainer
+    schedule = Schedule(units, cfg.packing, t.micro_batch_size, t.seed)
+    plans = [schedule.plan(0), Schedule(units, cfg.packing, t.micro_batch_size, t.seed).plan(1)]
+    rss_before_model = probe.status_mib("VmRSS")
+    module = build_policy(cfg, tokenizer, SINGLE).to(device).train()
+    scorer = Scorer.from_config(cfg, units, tokenizer.pad_token_id, device)
+    start = time.perf_counter()
+    reference = compute_table(module, scorer, schedule, SINGLE, "bench") if loss.needs_reference else None
+    optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    return {"cfg": cfg, "device": device, "backend": scorer.backend, "units": units, "plans": plans,
+            "module": module, "optimizer": optimizer, "reference": reference, "loss": loss, "scorer": scorer,
+            "reference_s": time.perf_counter() - start, "rss_before_model_mib": rss_before_model,
+            "params": sum(p.numel() for p in module.parameters())}
+
+
+def run_point(overrides: list[str], layout: str, packer: str, opts: BenchOptions) -> dict:
+    """Warm up, then time full passes over the same units (the fastest of `repeats` counts:
+    interference from other work only ever slows a pass down); one result row."""
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    ctx = setup_point(overrides, layout, packer, opts)
+    device = ctx["device"]
+    warm = Tally()
+    train_steps(ctx, group_by_units(ctx["plans"][1], opts.units_per_step)[: opts.warmup_steps], warm)
+    scope = probe.reset_peak(device)
+    graphs = _compiled_graphs()
+    passes = []
+    for _ in range(max(1, opts.repeats)):
+        tally = Tally()
+        cpu_before, start = probe.cpu_seconds(), probe.sync(device)
+        train_steps(ctx, group_by_units(ctx["plans"][0], opts.units_per_step), tally)
+        seconds = probe.sync(device) - start
+        passes.append((seconds, probe.other_cpu_share(cpu_before, probe.cpu_seconds(), seconds), tally))
+    seconds, other, tally = min(passes, key=lambda item: item[0])
+    return {
+        "layout": layout, "packer": packer, "device": str(device), "backend": ctx["backend"],
+        "params": ctx["params"], "threads": torch.get_num_threads(), "units": tally.units,
+        "pairs": tally.pairs, "steps": tally.steps, "micro_batches": tally.micro_batches,
+        "warmup_steps": warm.steps, "seconds": seconds, "samples_per_s": tally.units / seconds,
+        "real_tokens": tally.real_tokens, "total_tokens": tally.total_tokens,
+        "real_tokens_per_s": tally.real_tokens / seconds,
+        "pad_fraction": 1.0 - tally.real_tokens / tally.total_tokens,
+        "mask_s_per_step": tally.mask_s / tally.steps, "mask_fraction": tally.mask_s / seconds,
+        "collate_s_per_step": tally.collate_s / tally.steps, "reference_s": ctx["reference_s"],
+        "peak_memory_mib": probe.peak_mib(device), "peak_memory_scope": scope,
+        "rss_before_model_mib": ctx["rss_before_model_mib"],
+        "compiled_graphs_after_warmup": _compiled_graphs() - graphs, "last_step_loss": tally.last_loss,
+        "other_cpu_share": other, "pass_seconds": [round(item[0], 3) for item in passes],
+    }
+
+
+def _in_subprocess(spec: dict) -> dict:
+    """Run `spec` through `python scripts/bench.py --worker` and read its JSON answer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--worker", str(spec_path), str(out_path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not out_path.is_file():
+            raise RuntimeError(f"benchmark worker {spec.get('layout')}/{spec.get('packer')} failed "
+                               f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out_path.read_text())
+
+
+def worker(spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    opts = BenchOptions(**spec["opts"])
+    if spec["kind"] == "trl":  # pragma: no cover - needs trl
+        from bench_trl import trl_baseline
+
+        result = trl_baseline(spec["overrides"], opts)
+    else:
+        result = run_point(spec["overrides"], spec["layout"], spec["packer"], opts)
+    Path(out_path).write_text(json.dumps(result))
+
+
+def add_speedups(points: list[dict], stats: dict) -> None:
+    """Achieved and ideal speedups relative to paired+none (the first such point)."""
+    base = next((p for p in points if p["layout"] == "paired" and p["packer"] == "none"), None)
+    for p in points:
+        p["ideal_prefix"] = stats["ideal_speedup"] if p["layout"] == "shared" else 1.0
+        if base is None:
+            p["speedup"] = p["ideal_padded"] = None
+            continue
+        p["speedup"] = p["samples_per_s"] / base["samples_per_s"]
+        p["ideal_padded"] = base["total_tokens"] / p["total_tokens"]
+        p["efficiency"] = p["speedup"] / p["ideal_padded"]
+
+
+def run_grid(overrides: list[str], opts: BenchOptions, log=print) -> dict:
+    """Every grid point (fresh subprocesses unless opts.subprocess is False) plus stats."""
+    from ppo_train.model import load_tokenizer
+    from ppo_train.stats import dataset_stats
+
+    cfg = point_config(overrides, "shared", "ffd")
+    stats = dataset_stats(cfg, load_tokenizer(cfg.model), limit=opts.num_units)
+    points = []
+    for layout, packer in opts.grid:
+        log(f"bench: {layout}+{packer} ...")
+        if opts.subprocess:
+            spec = {"kind": "point", "overrides": overrides, "layout": layout, "packer": packer, "opts": asdict(opts)}
+            row = _in_subprocess(spec)
+        else:
+            row = run_point(overrides, layout, packer, opts)
+        log(f"bench: {layout}+{packer}: {row['samples_per_s']:.2f} samples/s in {row['seconds']:.1f} s")
+        points.append(row)
+    add_speedups(points, stats)
+    return {"overrides": overrides, "options": asdict(opts), "torch": torch.__version__,
+            "stats": stats, "points": points, "trl": _trl(overrides, opts)}
+
+
+def _trl(overrides: list[str], opts: BenchOptions) -> dict:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        return {"skipped": "trl is not installed (pip install -e '.[trl]' to add the baseline)"}
+    if not opts.trl:
+        return {"skipped": "disabled (--no-trl)"}
+    try:  # pragma: no cover - trl is not installed where the tests run
+        return _in_subprocess({"kind": "trl", "overrides": overrides, "opts": asdict(opts)})
+    except Exception as err:  # noqa: BLE001 - a broken baseline must not lose the grid's results
+        return {"error": str(err)[-2000:]}
+
+
+def _merge_overrides(defaults: list[str], user: list[str]) -> list[str]:
+    """Defaults first, dropping any key the user sets (Hydra rejects a key given twice)."""
+    keys = {u.split("=", 1)[0].lstrip("+~") for u in user}
+    return [d for d in defaults if d.split("=", 1)[0] not in keys] + list(user)
+
+
+def parse_args(argv: list[str] | None = None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="scripts/bench.py", description=__doc__.split("\n")[0])
+    ap.add_argument("overrides", nargs="*", help="config overrides as for pptrain, e.g. dataset.num_rows=64")
+    ap.add_argument("--out", default="outputs/bench", help="output folder (bench.json, bench.md, bench.png)")
+    ap.add_argument("--grid", default=None, help="comma list of layout:packer, e.g. paired:none,shared:ffd")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up optimizer steps")
+    ap.add_argument("--units-per-step", type=int, default=16, help="prompts per optimizer step")
+    ap.add_argument("--num-units", type=int, default=None, help="cap on the prompts in the timed pass")
+    ap.add_argument("--repeats", type=int, default=2, help="timed passes per point (the fastest counts)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per point (default: torch's)")
+    ap.add_argument("--big", action="store_true", help="a ~50M-parameter Llama (hidden 512, 8 layers), fewer rows")
+    ap.add_argument("--in-process", action="store_true", help="no subprocess per point (peak memory then shared)")
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline even when trl is installed")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python scripts/bench.py [--big] [overrides...]`: run the grid, write JSON, Markdown, PNG."""
+    args = parse_args(argv)
+    defaults = ["model=tiny", "dataset.num_rows=48" if args.big else "dataset.num_rows=160"]
+    overrides = _merge_overrides(defaults + (BIG_MODEL if args.big else []), args.overrides)
+    grid = [tuple(item.split(":")) for item in args.grid.split(",")] if args.grid else list(GRID)
+    opts = BenchOptions(grid=grid, warmup_steps=args.warmup, units_per_step=args.units_per_step,
+                        num_units=args.num_units, repeats=args.repeats, threads=args.threads,
+                        subprocess=not args.in_process,
+                        trl=not args.no_trl)
+    start = time.perf_counter()
+    result = run_grid(overrides, opts)
+    result["wall_s"] = time.perf_counter() - start
+    from bench_report import write_outputs
+
+    paths = write_outputs(result, Path(args.out))
+    print(Path(paths["markdown"]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return result
+
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], sys.argv[3])
+    else:
+        main()

@@ -26,10 +26,11 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+import probe
 
 
 def make_inputs(tokens: int, vocab: int, hidden: int, seed: int, device: str = "cpu"):
@@ -73,37 +74,21 @@ def compare_heads(tokens: int, vocab: int, hidden: int, chunk: int, seed: int = 
     return {n: float((a - b).abs().max()) for n, a, b in zip(names, out["naive"], out["chunked"])}
 
 
-def _rss_mib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def measure(variant: str, args) -> dict:
     """One variant in this (fresh) process: seconds and peak memory above the inputs."""
     import ppo_train.logps  # noqa: F401 - imported before the measurement starts
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    h, head, targets, weights = make_inputs(args.tokens, args.vocab, args.hidden, args.seed, device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-        base = _rss_mib("VmRSS")
-    start = time.perf_counter()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    h, head, targets, weights = make_inputs(args.tokens, args.vocab, args.hidden, args.seed, str(device))
+    probe.reset_peak(device)
+    base = probe.current_mib(device)
+    start = probe.sync(device)
     values, grad_h, grad_w = run_variant(variant, h, head, targets, weights, args.chunk)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = _rss_mib("VmHWM") - base
-    seconds = time.perf_counter() - start
+    seconds = probe.sync(device) - start
+    peak = probe.peak_mib(device) - base
     torch.save({"values": values.cpu(), "grad_hidden": grad_h.cpu(), "grad_head": grad_w.cpu()}, args.save)
-    return {"variant": variant, "device": device, "seconds": seconds, "peak_mib": peak,
-            "memory": "cuda max allocated above inputs" if device == "cuda" else "peak RSS above inputs"}
+    return {"variant": variant, "device": str(device), "seconds": seconds, "peak_mib": peak,
+            "memory": "cuda max allocated above inputs" if device.type == "cuda" else "peak RSS above inputs"}
 
 
 def parse_args(argv=None):

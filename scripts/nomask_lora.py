@@ -21,14 +21,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ppo_train.cli import compose
-from ppo_train.data.collate import collate
 from ppo_train.data.layout import build_units
 from ppo_train.data.packing import plan_epoch
 from ppo_train.data.pipeline import prepare
 from ppo_train.logps import token_logps
 from ppo_train.lora import apply_lora
-from ppo_train.masks import build_mask
-from ppo_train.model import decoder_and_head, load_causal_lm, load_tokenizer
+from ppo_train.model import load_causal_lm, load_tokenizer
+from ppo_train.scoring import Scorer, decoder_and_head
 from ppo_train.train import train
 
 BASE = ["loss=sft", "model.lora.enabled=true", "model.lora.r=16", "dataset.num_rows=300",
@@ -38,16 +37,20 @@ BASE = ["loss=sft", "model.lora.enabled=true", "model.lora.r=16", "dataset.num_r
 
 
 @torch.no_grad()
-def per_token(model, units, cfg, exact: bool) -> torch.Tensor:
-    """Token log-probs of every response of the held-out units, ffd-packed, (T,) in plan order."""
+def token_values(model, units, cfg, exact: bool = True):
+    """(token log-probs (T,), the batch each came from) of every response of `units`, ffd-packed,
+    in plan order; `exact=False` packs them under a causal mask only (layout=unmasked)."""
     body, head = decoder_and_head(model)
-    out = []
+    scorer = Scorer(units, pad_id=0, mask_documents=exact)
     for mb in plan_epoch(units, cfg.packing, 1, 0, 0):
-        batch = collate(units, mb, 0, mask_documents=exact)
-        mask = build_mask(batch.doc_ids, batch.segment_ids, "sdpa")
-        hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask).last_hidden_state
-        out.append(token_logps(hidden, batch.pred_index, batch.target_ids, head))
-    return torch.cat(out)
+        batch = scorer.batch(mb)
+        hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                      attention_mask=scorer.mask(batch)).last_hidden_state
+        yield token_logps(hidden, batch.pred_index, batch.target_ids, head), batch
+
+
+def per_token(model, units, cfg, exact: bool) -> torch.Tensor:
+    return torch.cat([values for values, _ in token_values(model, units, cfg, exact)])
 
 
 def contamination(model, units, cfg) -> dict:
@@ -58,13 +61,7 @@ def contamination(model, units, cfg) -> dict:
 def exact_heldout_nll(model, eval_units, cfg) -> float:
     """Mean per-token NLL of the preferred answers, exact mask."""
     lps, count = 0.0, 0
-    for mb in plan_epoch(eval_units, cfg.packing, 1, 0, 0):
-        batch = collate(eval_units, mb, 0)
-        body, head = decoder_and_head(model)
-        with torch.no_grad():
-            mask = build_mask(batch.doc_ids, batch.segment_ids, "sdpa")
-            hidden = body(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=mask).last_hidden_state
-            tok = token_logps(hidden, batch.pred_index, batch.target_ids, head)
+    for tok, batch in token_values(model, eval_units, cfg):
         chosen = batch.response_k[batch.target_response] == 0
         lps += float(tok[chosen].sum())
         count += int(chosen.sum())

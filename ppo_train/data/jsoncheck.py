@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+from ppo_train import fileio
 from ppo_train.errors import DataError
 
 INVALID = "__pptrain_invalid__"  # the marker column of a replaced line
@@ -115,13 +116,11 @@ def _copy_with_markers(path: Path, bad: dict[int, str], cache_dir: Path) -> Path
     if out.is_file():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with path.open("rb") as src, tmp.open("wb") as dst:
+    with fileio.staged(out) as tmp, path.open("rb") as src, tmp.open("wb") as dst:
         for number, raw in enumerate(src, start=1):
             if number in bad:
                 raw = (json.dumps({INVALID: bad[number]}) + "\n").encode()
             dst.write(raw)
-    tmp.rename(out)
     return out
 
 

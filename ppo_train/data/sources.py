@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from ppo_train.data.jsoncheck import INVALID, checked_path
 from ppo_train.errors import DataError
+from ppo_train.fileio import is_local_path
 
 Text = Union[str, list]  # a string, or a list of {"role", "content"} messages
 
@@ -73,7 +74,7 @@ def load_rows(cfg: DictConfig, path: str | None = None):
 
     path = path or cfg.path
     local = Path(path).expanduser()
-    if local.suffix in (".jsonl", ".json", ".parquet") or local.exists():
+    if is_local_path(path):
         if not local.is_file():
             raise DataError(f"dataset.path={path!r}: file not found; give a .jsonl, .json or .parquet file or a hub dataset id")
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(local.suffix)

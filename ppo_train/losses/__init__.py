@@ -1,18 +1,37 @@
-"""Loss functions: loss(policy, reference, pairs, cfg) -> (per-pair loss (P,), metrics).
+"""Loss functions: loss(policy, reference, pairs, params) -> (per-pair loss (P,), metrics).
 
 Pure functions of per-response log-probs (or, for `reward`, per-response scores carried in
-`ResponseLogps.sums`); no model, no state. The trainer sums the per-pair losses and divides
-by the global step's pair count (see train.py).
+`ResponseLogps.sums`); no model, no state. Each loss file holds its function and the schema of
+its parameters (the `loss=NAME` config option). The trainer sums the per-pair losses and
+divides by the global step's pair count (see train.py).
 """
 
-from ppo_train.losses.dpo import dpo_loss
-from ppo_train.losses.orpo import orpo_loss
-from ppo_train.losses.reward import reward_loss
-from ppo_train.losses.sft import sft_loss
-from ppo_train.losses.simpo import simpo_loss
+from __future__ import annotations
 
-LOSSES = {"dpo": dpo_loss, "simpo": simpo_loss, "orpo": orpo_loss, "reward": reward_loss, "sft": sft_loss}
-# Only DPO compares against a reference model; the others must not compute or cache one.
-NEEDS_REFERENCE = {"dpo": True, "simpo": False, "orpo": False, "reward": False, "sft": False}
-# The reward model trains a scalar head (AutoModelForSequenceClassification), the rest a causal LM.
-REWARD_MODEL = {"reward"}
+from dataclasses import dataclass
+from typing import Callable
+
+from ppo_train.losses.dpo import DpoConfig, dpo_loss
+from ppo_train.losses.orpo import OrpoConfig, orpo_loss
+from ppo_train.losses.reward import RewardConfig, reward_loss
+from ppo_train.losses.sft import SftConfig, sft_loss
+from ppo_train.losses.simpo import SimpoConfig, simpo_loss
+
+
+@dataclass(frozen=True)
+class Loss:
+    fn: Callable  # (policy, reference, pairs, params) -> (per-pair loss, metrics)
+    schema: type  # the dataclass of its parameters, registered as the `loss=<name>` option
+    needs_reference: bool = False  # compares against reference log-probs (a table or a live model)
+    reward_head: bool = False  # trains a one-label sequence classifier instead of a causal LM
+
+
+LOSSES: dict[str, Loss] = {
+    "dpo": Loss(dpo_loss, DpoConfig, needs_reference=True),
+    "simpo": Loss(simpo_loss, SimpoConfig),
+    "orpo": Loss(orpo_loss, OrpoConfig),
+    "reward": Loss(reward_loss, RewardConfig, reward_head=True),
+    "sft": Loss(sft_loss, SftConfig),
+}
+
+__all__ = ["LOSSES", "Loss", "dpo_loss", "simpo_loss", "orpo_loss", "reward_loss", "sft_loss"]

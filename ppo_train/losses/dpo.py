@@ -17,14 +17,45 @@ Implicit rewards (the metrics): r_w = beta (log pi(y_w) - log ref(y_w)), r_l lik
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from ppo_train.choices import Choice
 from ppo_train.logps import ResponseLogps
 from ppo_train.losses.common import pair_metrics
 
 
-def dpo_loss(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tensor, cfg) -> tuple[torch.Tensor, dict]:
+class DpoVariant(Choice):
+    sigmoid = "sigmoid"
+    ipo = "ipo"
+    robust = "robust"
+    hinge = "hinge"
+
+
+@dataclass
+class DpoConfig:
+    """`loss=dpo`."""
+
+    name: str = "dpo"
+    beta: float = 0.1
+    variant: DpoVariant = DpoVariant.sigmoid
+    label_smoothing: float = 0.0  # robust only: the assumed rate of flipped labels
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.beta <= 0:
+            out.append(f"loss.beta={self.beta}: expected > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            out.append(f"loss.label_smoothing={self.label_smoothing}: expected 0 <= value < 0.5")
+        elif self.label_smoothing and self.variant != "robust":
+            out.append(f"loss.label_smoothing={self.label_smoothing}: only used by loss.variant=robust")
+        return out
+
+
+def dpo_loss(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tensor, cfg: DpoConfig
+             ) -> tuple[torch.Tensor, dict]:
     """pairs (P, 2) -> per-pair loss (P,) and per-pair metric tensors (P,)."""
     w, l = pairs[:, 0], pairs[:, 1]
     if cfg.variant == "ipo":

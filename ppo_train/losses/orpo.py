@@ -20,6 +20,7 @@ TRL logs logsigmoid(ratio) as "log_odds_ratio" and ratio as "log_odds_chosen"; h
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,17 @@ from ppo_train.losses.common import pair_metrics
 _MAX_MEAN = -1e-12
 
 
+@dataclass
+class OrpoConfig:
+    """`loss=orpo`."""
+
+    name: str = "orpo"
+    orpo_lambda: float = 0.1  # weight of the odds-ratio term
+
+    def problems(self) -> list[str]:
+        return [f"loss.orpo_lambda={self.orpo_lambda}: expected >= 0"] if self.orpo_lambda < 0 else []
+
+
 def log1mexp(m: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(m)) for m < 0, accurate everywhere (Maechler 2012, "Accurately Computing
     log(1 - exp(-|a|))"): log1p(-exp(m)) loses precision near 0, log(-expm1(m)) far from it."""
@@ -48,7 +60,7 @@ def log1mexp(m: torch.Tensor) -> torch.Tensor:
 
 
 def orpo_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: torch.Tensor,
-              cfg) -> tuple[torch.Tensor, dict]:
+              cfg: OrpoConfig) -> tuple[torch.Tensor, dict]:
     """pairs (P, 2) -> per-pair loss (P,) and per-pair metric tensors (P,). reference is unused."""
     del reference  # reference-free by construction; the trainer may pass None
     w, l = pairs[:, 0], pairs[:, 1]

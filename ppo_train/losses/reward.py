@@ -20,19 +20,32 @@ Metrics: rewards/accuracies is reward-model accuracy, the fraction with r_w > r_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ppo_train.logps import ResponseLogps
 
 
+@dataclass
+class RewardConfig:
+    """`loss=reward`: a Bradley-Terry reward model (a one-label sequence classifier)."""
+
+    name: str = "reward"
+    margin: float = 0.0
+    center_coef: float = 0.0  # reward centering (Eisenstein et al. 2023)
+
+    def problems(self) -> list[str]:
+        return [f"loss.center_coef={self.center_coef}: expected >= 0"] if self.center_coef < 0 else []
+
+
 def reward_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: torch.Tensor,
-                cfg) -> tuple[torch.Tensor, dict]:
+                cfg: RewardConfig) -> tuple[torch.Tensor, dict]:
     """pairs (P, 2) -> per-pair loss (P,) and per-pair metric tensors (P,). reference is unused."""
     del reference  # a reward model has no reference; the trainer may pass None
     w, l = pairs[:, 0], pairs[:, 1]
-    margin = getattr(cfg, "margin", 0.0) or 0.0
-    center_coef = getattr(cfg, "center_coef", 0.0) or 0.0
+    margin, center_coef = cfg.margin, cfg.center_coef
     rewards = policy.sums
     r_w, r_l = rewards[w], rewards[l]
     loss = -F.logsigmoid(r_w - r_l - margin)

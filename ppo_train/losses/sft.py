@@ -17,13 +17,25 @@ length; the two agree when the preferred responses have equal lengths.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ppo_train.logps import ResponseLogps
 
 
+@dataclass
+class SftConfig:
+    """`loss=sft`: no parameters."""
+
+    name: str = "sft"
+
+    def problems(self) -> list[str]:
+        return []
+
+
 def sft_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: torch.Tensor,
-             cfg) -> tuple[torch.Tensor, dict]:
+             cfg: SftConfig) -> tuple[torch.Tensor, dict]:
     """pairs (P, 2) -> per-pair loss (P,) and per-pair metric tensors (P,). Only pairs[:, 0] is used."""
     del reference, cfg  # SFT needs neither a reference model nor hyperparameters
     w = pairs[:, 0]

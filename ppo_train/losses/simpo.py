@@ -20,6 +20,8 @@ Implicit rewards (the metrics): r = beta * m, as the SimPO repo and TRL log them
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -27,13 +29,30 @@ from ppo_train.logps import ResponseLogps
 from ppo_train.losses.common import pair_metrics
 
 
+@dataclass
+class SimpoConfig:
+    """`loss=simpo`."""
+
+    name: str = "simpo"
+    beta: float = 2.0
+    gamma: float = 1.0  # the target margin, subtracted after scaling by beta
+    label_smoothing: float = 0.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.beta <= 0:
+            out.append(f"loss.beta={self.beta}: expected > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            out.append(f"loss.label_smoothing={self.label_smoothing}: expected 0 <= value < 0.5")
+        return out
+
+
 def simpo_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: torch.Tensor,
-               cfg) -> tuple[torch.Tensor, dict]:
+               cfg: SimpoConfig) -> tuple[torch.Tensor, dict]:
     """pairs (P, 2) -> per-pair loss (P,) and per-pair metric tensors (P,). reference is unused."""
     del reference  # reference-free by construction; the trainer may pass None
     w, l = pairs[:, 0], pairs[:, 1]
-    beta, gamma = cfg.beta, cfg.gamma
-    eps = getattr(cfg, "label_smoothing", 0.0) or 0.0
+    beta, gamma, eps = cfg.beta, cfg.gamma, cfg.label_smoothing
     means = policy.means  # length normalization is what makes SimPO's reward reference-free
     z = beta * (means[w] - means[l]) - gamma
     loss = -F.logsigmoid(z) * (1 - eps) - F.logsigmoid(-z) * eps

@@ -16,9 +16,10 @@ from ppo_train.data.collate import collate
 from ppo_train.data.layout import build_units
 from ppo_train.data.packing import plan_epoch
 from ppo_train.logps import ResponseLogps
-from ppo_train.losses import LOSSES, NEEDS_REFERENCE
+from ppo_train.losses import LOSSES
 from ppo_train.masks import build_mask
-from ppo_train.model import PolicyModule, RewardModule, batch_logps
+from ppo_train.scoring import PolicyModule, RewardModule
+from ppo_train.scoring import forward_scores as batch_logps
 from tests.conftest import random_examples, tiny_model
 
 LOSS_CFG = OmegaConf.create({"beta": 0.1, "variant": "sigmoid", "label_smoothing": 0.0, "gamma": 0.5,
@@ -52,8 +53,8 @@ def run(loss: str, examples, setup: str):
         out = batch_logps(module, batch, build_mask(batch.doc_ids, batch.segment_ids, "sdpa"))
         # a fixed reference that differs per response, so DPO is not at its ln 2 start
         ref = ResponseLogps(-(batch.response_unit.double() * 7 % 5) - batch.response_k.double() * 2.0, out.counts) \
-            if NEEDS_REFERENCE[loss] else None
-        per_pair, _ = LOSSES[loss](out, ref, batch.pairs, LOSS_CFG)
+            if LOSSES[loss].needs_reference else None
+        per_pair, _ = LOSSES[loss].fn(out, ref, batch.pairs, LOSS_CFG)
         (per_pair.sum() / total_pairs).backward()
         total += float(per_pair.sum().detach()) / total_pairs
         for u, k, s in zip(batch.response_unit.tolist(), batch.response_k.tolist(), out.sums.tolist()):

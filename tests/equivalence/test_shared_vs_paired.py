@@ -19,7 +19,8 @@ from ppo_train.data.packing import plan_epoch
 from ppo_train.logps import ResponseLogps
 from ppo_train.losses import dpo_loss
 from ppo_train.masks import build_mask
-from ppo_train.model import PolicyModule, batch_logps
+from ppo_train.scoring import PolicyModule
+from ppo_train.scoring import forward_scores as batch_logps
 from tests.conftest import random_examples, tiny_model
 
 PACKINGS = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 from tests.conftest import child_env  # noqa: E402
 
 import json
-import os
 import shutil
 import subprocess
 import sys

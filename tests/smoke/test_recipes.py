@@ -7,7 +7,6 @@ from __future__ import annotations
 from tests.conftest import child_env  # noqa: E402
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +14,11 @@ from pathlib import Path
 import pytest
 
 from ppo_train.cli import compose
-from ppo_train.config import validate
-from ppo_train.paths import recipe_dirs
+from ppo_train.config_check import group_options, validate
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "assets" / "golden_tiny_dpo.json"
-RECIPES = sorted(p.stem for d in recipe_dirs() for p in d.glob("*.yaml"))
+RECIPES = list(group_options()["recipe"])
 # Recipes whose model or data lives on the hub run here with the tiny model and bundled data;
 # the others run as they are (with a tiny model where theirs is a real one).
 HUB_OVERRIDES = ["model=tiny", "dataset=hh_rlhf_bundled", "trainer=cpu", "dataset.num_rows=24",
@@ -119,7 +117,7 @@ def test_paired_and_shared_layouts_train_identically(tmp_path):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_has_no_unknown_key_or_option(recipe):
-    from ppo_train.config_keys import recipe_problems
+    from ppo_train.config_check import recipe_problems
 
     assert recipe_problems(recipe) == []
 

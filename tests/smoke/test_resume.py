@@ -6,7 +6,6 @@ from __future__ import annotations
 from tests.conftest import child_env  # noqa: E402
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -7,13 +7,18 @@ import json
 
 import pytest
 
-from ppo_train.bench import BenchOptions, _merge_overrides, group_by_units, run_grid
-from ppo_train.bench_report import write_outputs
+import sys
+from pathlib import Path
+
 from ppo_train.cli import compose
 from ppo_train.data.layout import build_units
 from ppo_train.model import load_tokenizer
-from ppo_train.paths import REPO_DIR
 from ppo_train.stats import comparable_examples, packing_cell
+
+REPO_DIR = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_DIR / "scripts"))  # the benchmark is a tool of the repository, not the library
+from bench import BenchOptions, _merge_overrides, group_by_units, run_grid  # noqa: E402
+from bench_report import write_outputs  # noqa: E402
 
 SMALL = ["model=tiny", "model.from_config.hidden_size=32", "model.from_config.intermediate_size=64",
          "model.from_config.num_attention_heads=4", "model.from_config.num_key_value_heads=2",

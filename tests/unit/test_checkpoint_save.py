@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ppo_train import checkpoint
-from ppo_train.engine import DistInfo, free_port
+from ppo_train.dist import DistInfo, free_port
 from ppo_train.errors import SaveFailed
 
 

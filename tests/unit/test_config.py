@@ -8,7 +8,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from ppo_train.cli import compose, preflight, strip_launcher_args
-from ppo_train.config import ConfigError, validate
+from ppo_train.config_check import validate
+from ppo_train.errors import ConfigError
 
 
 def test_unknown_key_fails_while_composing():
@@ -24,13 +25,47 @@ def test_wrong_type_fails_while_composing():
 
 
 def test_every_problem_is_listed_at_once_with_suggestions():
-    cfg = compose(["packing.name=fdd", "loss.beta=-1", "trainer.micro_batch_size=0", "packing.row_tokens=200"])
-    with pytest.raises(ConfigError) as err:
-        validate(cfg)
-    text = str(err.value)
+    problems = preflight(["packing.name=fdd", "loss.beta=-1", "trainer.micro_batch_size=0", "packing.row_tokens=200"])
+    text = "\n".join(problems)
     assert "packing.name='fdd'" in text and "did you mean 'ffd'" in text
     assert "loss.beta=-1" in text and "trainer.micro_batch_size=0" in text
-    assert "packing.row_tokens=200" in text and len(err.value.problems) >= 4
+    assert "packing.row_tokens=200" in text and len(problems) >= 4
+    cfg = compose(["loss.beta=-1", "trainer.micro_batch_size=0", "packing.row_tokens=200"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert len(err.value.problems) >= 3, err.value.problems
+
+
+@pytest.mark.parametrize("key, bad, choices", [
+    ("model.attention", "flexx", "[auto, flex, sdpa]"),
+    ("dataset.format", "jsonl", "[auto, preference, implicit, sharegpt, scored, ranked, pandalm, ultrafeedback]"),
+    ("dataset.length_policy", "cut", "[truncate, drop]"),
+    ("dataset.on_invalid", "ignore", "[error, skip]"),
+    ("layout.name", "packed", "[shared, paired, unmasked]"),
+    ("packing.name", "fdd", "[none, ffd, sorted]"),
+    ("loss.variant", "kto", "[sigmoid, ipo, robust, hinge]"),
+    ("trainer.device", "gpu", "[auto, cpu, cuda]"),
+    ("trainer.schedule", "step", "[constant, linear, cosine]"),
+    ("trainer.precision", "fp8", "[fp32, bf16, fp16]"),
+    ("trainer.on_nonfinite", "ignore", "[error, skip]"),
+    ("logging.wandb", "yes", "[disabled, offline, online]"),
+    ("mode", "bench", "[train, stats]"),
+])
+def test_each_group_rejects_an_invalid_choice_while_composing(key, bad, choices):
+    """Enums: OmegaConf refuses the value while Hydra composes and lists the valid ones."""
+    with pytest.raises(ConfigCompositionException) as err:
+        compose([f"{key}={bad}"])
+    cause = str(err.value.__cause__)
+    assert f"Invalid value '{bad}', expected one of {choices}" in cause and key in cause, cause
+
+
+def test_a_loss_takes_only_its_own_parameters():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["loss.gamma=0.5"])
+    assert "Key 'gamma' not in 'DpoConfig'" in str(err.value.__cause__), err.value.__cause__
+    assert compose(["loss=simpo", "loss.gamma=0.5"]).loss.gamma == 0.5
+    assert any("loss.gamma: not a parameter of loss=dpo (it belongs to loss=simpo)" in p
+               for p in preflight(["loss.gamma=0.5"]))
 
 
 def test_row_budget_shorter_than_longest_unit_is_rejected():
@@ -99,7 +134,8 @@ def test_a_valid_command_line_has_no_problem_and_free_form_keys_pass():
 
 
 def test_deleting_a_schema_key_is_refused():
-    assert any(p.startswith("~loss.gamma:") for p in preflight(["~loss.gamma"]))
+    assert any(p.startswith("~loss.gamma:") for p in preflight(["loss=simpo", "~loss.gamma"]))
+    assert any(p.startswith("~loss.beta:") for p in preflight(["~loss.beta"]))
 
 
 def test_added_key_is_caught_in_the_composed_config_too():
@@ -107,13 +143,13 @@ def test_added_key_is_caught_in_the_composed_config_too():
         validate(compose(["+trainer.foo=1"]))
 
 
-def test_recipe_file_problems_name_the_file(tmp_path, monkeypatch):
-    (tmp_path / "mine.yaml").write_text(
+def test_recipe_file_problems_name_the_file(tmp_path):
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text(
         "# @package _global_\ndefaults:\n  - override /packing: fdd\n  - override /los: dpo\n"
         "trainer:\n  learning_rate: 1.0e-5\nloss:\n  betta: 0.2\n")
-    monkeypatch.setenv("PPTRAIN_RECIPES", str(tmp_path))
-    text = "\n".join(preflight(["recipe=mine"]))
-    where = f"in recipe {str(tmp_path / 'mine.yaml')!r}"
+    text = "\n".join(preflight(["--config-dir", str(tmp_path), "recipe=mine"]))
+    where = f"in recipe {str(tmp_path / 'recipe' / 'mine.yaml')!r}"
     assert f"packing='fdd' {where}" in text and "did you mean 'ffd'" in text
     assert f"override /los {where}: no such config group" in text
     assert f"trainer.learning_rate: unknown key {where} (did you mean 'trainer.lr'?)" in text
@@ -144,3 +180,16 @@ def test_a_path_given_as_a_group_option_points_to_the_path_key():
     problems = preflight(["dataset=data/mine.jsonl", "model=Qwen/Qwen2.5-0.5B"])
     assert any("(a file, folder or hub id goes in dataset.path=data/mine.jsonl)" in p for p in problems), problems
     assert any("model.name_or_path=Qwen/Qwen2.5-0.5B" in p for p in problems), problems
+
+
+def test_a_user_recipe_folder_is_found_through_hydras_search_path(tmp_path):
+    """`pptrain --config-dir DIR recipe=NAME` with DIR/recipe/NAME.yaml: Hydra's own mechanism."""
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /loss: simpo\n  - override /packing: sorted\n"
+        "loss:\n  gamma: 0.3\ntrainer:\n  lr: 1.0e-5\n")
+    cfg = compose(["recipe=mine"], config_dirs=(tmp_path,))
+    assert (cfg.loss.name, cfg.loss.gamma, cfg.packing.name, cfg.trainer.lr) == ("simpo", 0.3, "sorted", 1.0e-5)
+    assert compose(["recipe=mine", "packing=ffd"], config_dirs=(tmp_path,)).packing.name == "ffd"
+    assert preflight(["--config-dir", str(tmp_path), "recipe=mine"]) == []
+    assert any("recipe='mine'" in p for p in preflight(["recipe=mine"]))  # without the folder: unknown

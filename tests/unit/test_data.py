@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from ppo_train.data.sources import DataError, load_examples, split_implicit
 from ppo_train.data.tokenize import tokenize_examples
-from ppo_train.paths import asset_path
+from ppo_train.fileio import asset_path
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from ppo_train.cli import compose
 from ppo_train.data.packing import round_up
-from ppo_train.paths import asset_path
+from ppo_train.fileio import asset_path
 from ppo_train.stats import dataset_stats, print_stats, run_stats, write_stats
 
 ROWS = [

@@ -8,12 +8,14 @@ import torch
 from omegaconf import OmegaConf
 
 from ppo_train.cli import compose
-from ppo_train.config import ConfigError, validate
+from ppo_train.config_check import validate
+from ppo_train.errors import ConfigError
 from ppo_train.data.collate import collate
 from ppo_train.data.layout import build_units
 from ppo_train.data.packing import plan_epoch
 from ppo_train.masks import build_mask
-from ppo_train.model import PolicyModule, batch_logps
+from ppo_train.scoring import PolicyModule
+from ppo_train.scoring import forward_scores as batch_logps
 from tests.conftest import random_examples, tiny_model
 
 FFD = OmegaConf.create({"name": "ffd", "row_tokens": 512, "rows_per_batch": 4, "pad_multiple": 128})

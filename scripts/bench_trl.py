@@ -1,5 +1,5 @@
 """The TRL baseline of the benchmark: TRL's DPOTrainer on the same model and examples
-(`pip install -e '.[trl]'`); run in a worker process by ppo_train/bench.py."""
+(`pip install -e '.[trl]'`); run in a worker process by scripts/bench.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ppo_train.bench import BenchOptions, _device, point_config
+from bench import BenchOptions, point_config
 
 
 def trl_baseline(overrides: list[str], opts: BenchOptions) -> dict:  # pragma: no cover - needs trl
@@ -20,6 +20,7 @@ def trl_baseline(overrides: list[str], opts: BenchOptions) -> dict:  # pragma: n
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    from ppo_train.dist import device_for
     from ppo_train.model import load_causal_lm, load_tokenizer
     from ppo_train.stats import comparable_examples
 
@@ -37,14 +38,14 @@ def trl_baseline(overrides: list[str], opts: BenchOptions) -> dict:  # pragma: n
         def on_step_end(self, args, state, control, **kwargs):
             marks[state.global_step] = time.perf_counter()
 
-    device = _device(cfg)
+    device = device_for(cfg.trainer.device)
     longest = max(len(ex.prompt_ids) + max(len(r) for r in ex.response_ids) for ex in examples)
     args = DPOConfig(output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=t.micro_batch_size,
                      gradient_accumulation_steps=accum, max_steps=opts.warmup_steps + timed, learning_rate=t.lr,
                      lr_scheduler_type="constant", beta=cfg.loss.beta, max_length=longest + 8,
                      precompute_ref_log_probs=True, report_to="none", save_strategy="no", seed=t.seed,
-                     use_cpu=device.type == "cpu", bf16=t.precision == "bf16", dataloader_num_workers=0)
-    dtype = torch.float32 if t.precision == "fp32" else torch.bfloat16
+                     use_cpu=device.type == "cpu", bf16=str(t.precision) == "bf16", dataloader_num_workers=0)
+    dtype = torch.float32 if str(t.precision) == "fp32" else torch.bfloat16
     model = load_causal_lm(cfg.model, len(tok), dtype, "sdpa", t.seed)
     trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok, callbacks=[Clock()])

@@ -1,5 +1,5 @@
 """The benchmark's outputs: bench.json, a Markdown table with the setting and caveats, and a
-plot of achieved against ideal speedups (see ppo_train/bench.py for the method)."""
+plot of achieved against ideal speedups (see scripts/bench.py for the method)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,140 @@
+"""Scoring one micro-batch: collate -> mask -> forward -> per-response scores.
+
+Every pass that scores responses goes through a `Scorer`: training, evaluation, the
+reference pass, the live reference, the benchmark and the scripts. It decides once, from
+the layout, whether documents are masked, and builds the mask once per batch for the policy
+and the reference alike.
+
+The modules: `PolicyModule` turns a batch into per-response log-prob sums and token counts
+(chunked output head at response positions only), `RewardModule` into one scalar per
+response read at the response's last token. Doing the whole computation inside one module's
+forward keeps DeepSpeed's ZeRO-3 parameter gathering (its hooks run around module forwards)
+in charge of every weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ppo_train.data.collate import PackedBatch, collate
+from ppo_train.data.layout import Unit
+from ppo_train.data.packing import MicroBatch
+from ppo_train.dist import SINGLE, DistInfo, reduce
+from ppo_train.errors import ModelLoadError
+from ppo_train.logps import ResponseLogps, sum_per_response, token_logps
+from ppo_train.masks import build_mask, resolve_backend
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The transformer body (returns hidden states) and the output projection."""
+    body = getattr(model, model.base_model_prefix, None)
+    head = model.get_output_embeddings()
+    if body is None or head is None:
+        raise ModelLoadError(f"{type(model).__name__}: cannot find its decoder and output head")
+    return body, head
+
+
+class PolicyModule(torch.nn.Module):
+    """Wraps a causal LM: forward(batch tensors, mask) -> per-response log-prob sums and counts."""
+
+    def __init__(self, model: torch.nn.Module, logits_chunk: int = 1024, dist: DistInfo = SINGLE):
+        super().__init__()
+        self.model = model
+        self.logits_chunk = logits_chunk
+        self.dist = dist
+
+    def forward(self, input_ids, position_ids, attention_mask, pred_index, target_ids, target_response,
+                num_responses: int) -> tuple[torch.Tensor, torch.Tensor]:
+        body, head = decoder_and_head(self.model)
+        hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state
+        # the same number of head calls on every rank (ZeRO-3 gathers the head at each call);
+        # at least one, so an empty micro-batch keeps the head in the graph too
+        own = max(1, -(-pred_index.numel() // self.logits_chunk))
+        chunks = int(reduce(torch.tensor([own]), self.dist, "max").item())
+        lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk, chunks)
+        out = sum_per_response(lps, target_response, num_responses)
+        if pred_index.numel() == 0:
+            return out.sums + lps.sum().double(), out.counts  # lps holds the 0-valued head term
+        return out.sums, out.counts
+
+
+class RewardModule(torch.nn.Module):
+    """Wraps a one-label sequence classifier: forward -> one scalar per response, read at the
+    response's *last* token (in a shared row that is not the row's last non-pad token, which
+    is where transformers' own pooling would look)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        if not isinstance(getattr(model, "score", None), torch.nn.Module):
+            raise ModelLoadError(f"{type(model).__name__}: no `score` head; reward models need one "
+                                 "(Llama, Qwen2 and Mistral classifiers have it)")
+
+    def forward(self, input_ids, position_ids, attention_mask, last_index, num_responses: int):
+        body = getattr(self.model, self.model.base_model_prefix)
+        hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        # exactly one head call on every rank, empty micro-batch included (ZeRO-3 gathers per call)
+        rows = last_index if last_index.numel() else last_index.new_zeros(1)
+        rewards = self.model.score(flat.index_select(0, rows)).squeeze(-1).double()
+        if last_index.numel() == 0:
+            rewards = rewards[:0] + 0.0 * rewards.sum()
+        return rewards, torch.ones_like(rewards)
+
+
+def forward_scores(module, batch: PackedBatch, mask) -> ResponseLogps:
+    """Per-response scores of one batch: log-prob sums and token counts for a PolicyModule,
+    rewards (in `sums`, counts 1) for a RewardModule. `module` may be a DeepSpeed engine."""
+    inner = getattr(module, "module", module)
+    if isinstance(inner, RewardModule):
+        sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.last_index, batch.num_responses)
+    else:
+        sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.pred_index, batch.target_ids,
+                              batch.target_response, batch.num_responses)
+    return ResponseLogps(sums, counts)
+
+
+@dataclass
+class Scored:
+    batch: PackedBatch
+    mask: Any  # a BlockMask (flex) or a (B, 1, L, L) bool tensor (sdpa)
+    scores: ResponseLogps
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """Collate, mask and forward for the micro-batches of one list of units."""
+
+    units: list[Unit]
+    pad_id: int
+    backend: str = "sdpa"  # 'flex' or 'sdpa'
+    device: torch.device = torch.device("cpu")
+    pad_multiple: int = 128  # the row length of an empty micro-batch
+    mask_documents: bool = True  # False only for layout=unmasked
+    restart_positions: bool = True
+
+    @classmethod
+    def from_config(cls, cfg, units: list[Unit], pad_id: int, device: torch.device) -> "Scorer":
+        return cls(units, pad_id, resolve_backend(cfg.model.attention, device), device, cfg.packing.pad_multiple,
+                   mask_documents=cfg.layout.name != "unmasked", restart_positions=cfg.layout.restart_positions)
+
+    def with_units(self, units: list[Unit]) -> "Scorer":
+        return replace(self, units=units)
+
+    def batch(self, mb: MicroBatch | None) -> PackedBatch:
+        """The tensors of `mb` on the device; None gives an empty micro-batch (one pad row)."""
+        return collate(self.units, mb, self.pad_id, self.pad_multiple, self.mask_documents,
+                       self.restart_positions).to(self.device)
+
+    def mask(self, batch: PackedBatch):
+        return build_mask(batch.doc_ids, batch.segment_ids, self.backend)
+
+    def __call__(self, module, mb: MicroBatch | None) -> Scored:
+        batch = self.batch(mb)
+        mask = self.mask(batch)  # once per batch: the reference reuses it
+        return Scored(batch, mask, forward_scores(module, batch, mask))
