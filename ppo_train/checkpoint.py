@@ -17,6 +17,7 @@ The folder must be on a file system that every rank sees (multi-node: a shared o
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
@@ -30,7 +31,7 @@ import torch
 
 from ppo_train import fileio
 from ppo_train.dist import gather_objects
-from ppo_train.errors import WRITE_ERRORS, SaveFailed
+from ppo_train.errors import WRITE_ERRORS, ResumeError, SaveFailed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -50,29 +51,114 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def find_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """`auto`: the newest complete checkpoint of this run (None if there is none); a path: that one."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = complete_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume).expanduser().resolve()
-    if not (path / "COMPLETE").is_file():
-        raise FileNotFoundError(f"trainer.resume={resume!r}: not a complete checkpoint folder (no COMPLETE file)")
-    return path
+def manifest(folder: Path) -> dict[str, int]:
+    """Every file below `folder` (relative path -> size in bytes)."""
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
-def resume(engine, run_dir: Path, setting: str | None) -> int | None:
-    """Restore the checkpoint `trainer.resume` names; the step it was saved at, or None when
-    training starts fresh."""
-    path = find_resume(run_dir, setting)
-    if path is None:
+def plan_identity(cfg, units, dist) -> dict:
+    """What fixes the step-to-data mapping: the tokens of every unit, the layout, the packer and
+    its budget, the micro-batch and accumulation settings, the seed and the world size. A resume
+    under another value would map the step number onto other examples."""
+    h = hashlib.sha256()
+    for u in units:
+        h.update(u.input_ids.tobytes())
+        h.update(u.resp_len.tobytes())
+        h.update(u.pairs.tobytes())
+    p = cfg.packing
+    budget = {"packing.row_tokens": p.row_tokens, "packing.rows_per_batch": p.rows_per_batch} if p.name == "ffd" \
+        else {"trainer.micro_batch_size": cfg.trainer.micro_batch_size}
+    return {"data tokens": h.hexdigest()[:16], "examples": len(units), "layout.name": str(cfg.layout.name),
+            "packing.name": str(p.name), **budget, "trainer.grad_accum": cfg.trainer.grad_accum,
+            "trainer.seed": cfg.trainer.seed, "world size": dist.world_size,
+            "dataset": {k: str(v) for k, v in cfg.dataset.items()}, "model.tokenizer": str(cfg.model.tokenizer
+                                                                                         or cfg.model.name_or_path)}
+
+
+def plan_changes(saved: dict, now: dict) -> list[str]:
+    """`key old -> new` for every part of the data plan that differs (empty: the same plan)."""
+    changes = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in now
+               if k not in ("dataset", "model.tokenizer", "data tokens") and saved.get(k) != now.get(k)]
+    if saved.get("data tokens") != now.get("data tokens"):
+        keys = [f"dataset.{k} {saved['dataset'].get(k)!r} -> {v!r}" for k, v in now["dataset"].items()
+                if saved.get("dataset", {}).get(k) != v]
+        if saved.get("model.tokenizer") != now.get("model.tokenizer"):
+            keys.append(f"model.tokenizer {saved.get('model.tokenizer')!r} -> {now.get('model.tokenizer')!r}")
+        changes.append("the training data (" + ("; ".join(keys) if keys else
+                       "same settings, other tokens: the data file or the tokenizer changed") + ")")
+    return changes
+
+
+def _unusable(path: Path) -> str | None:
+    """Why the complete checkpoint `path` cannot be loaded (None if every file is there)."""
+    try:
+        meta = json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"trainer.json unreadable ({err})"
+    files = meta.get("files")
+    if files is None:
+        return None  # written before manifests existed: nothing to compare
+    have = manifest(path)
+    missing = [f for f in files if f not in have]
+    short = [f for f, size in files.items() if f in have and have[f] != size]
+    if missing or short:
+        return (f"{len(missing)} file(s) missing ({', '.join(missing[:3])}), "
+                f"{len(short)} of another size ({', '.join(short[:3])})")
+    return None
+
+
+def resume(engine, run_dir: Path, setting: str | None, identity: dict) -> int | None:
+    """Restore the checkpoint that `trainer.resume` names and return its step; None when
+    training starts fresh. `auto` takes the newest complete checkpoint of the run directory and
+    falls back to the one before it when the newest is damaged (each damaged one is named); a
+    checkpoint of a job with another data plan (`plan_identity`) is refused, naming what changed."""
+    dist = engine.dist
+    if setting is None:
         return None
-    step = load(engine, path)["step"]
-    if engine.dist.is_main:
-        print(f"pptrain: resumed from {path} at step {step}", file=sys.stderr)
-    return step
+    if setting == "auto":
+        candidates = complete_checkpoints(run_dir)[::-1]
+        if not candidates:
+            if dist.is_main:
+                print(f"pptrain: trainer.resume=auto: no complete checkpoint in {checkpoint_root(run_dir)}; "
+                      "starting at step 0", file=sys.stderr)
+            return None
+    else:
+        path = Path(setting).expanduser().resolve()
+        if not (path / "COMPLETE").is_file():
+            found = [p.name for p in complete_checkpoints(path.parent.parent)] if path.parent.name == "checkpoints" else []
+            raise ResumeError(f"trainer.resume={setting!r}: not a complete checkpoint folder (no COMPLETE file: the "
+                              f"save was interrupted or it is not a checkpoint)"
+                              + (f"; complete ones beside it: {found}" if found else ""))
+        candidates = [path]
+    damaged = []
+    for path in candidates:
+        meta = {}
+        problem = _unusable(path)
+        if problem is None:
+            meta = json.loads((path / "trainer.json").read_text())
+            changes = plan_changes(meta["plan"], identity) if "plan" in meta else []
+            if changes:
+                raise ResumeError(f"trainer.resume: {path} was trained with another data plan, so step {meta['step']} "
+                                  f"would continue on other examples: {'; '.join(changes)}. Resume with the settings it "
+                                  "was saved with, or start a new run directory")
+            problem = _attempt_load(engine, path)
+        problem = next((p for p in gather_objects(problem, dist) if p), None)  # every rank falls back together
+        if problem is None:
+            if dist.is_main:
+                for name, why in damaged:
+                    print(f"pptrain: warning: skipped the damaged checkpoint {name}: {why}", file=sys.stderr)
+                print(f"pptrain: resumed from {path} at step {meta['step']}", file=sys.stderr)
+            return meta["step"]
+        damaged.append((path, problem))
+    raise ResumeError("trainer.resume: no usable checkpoint: " + "; ".join(f"{p}: {why}" for p, why in damaged))
+
+
+def _attempt_load(engine, path: Path) -> str | None:
+    try:
+        load(engine, path)
+    except Exception as err:  # noqa: BLE001 - a damaged file can fail in many ways; the next checkpoint is tried
+        return f"{type(err).__name__}: {str(err)[:300]}"
+    return None
 
 
 def _rng_state() -> dict:
@@ -118,8 +204,9 @@ def save(engine, run_dir: Path, step: int, epoch: int, extra: dict, keep_last: i
                                         f"{_size(free)} free on that file system")
 
     def finish() -> None:
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, **extra}, indent=2))
         torch.save(_rng_state(), tmp / "rng.pt")
+        files = manifest(tmp)  # the DeepSpeed files of every rank and rng.pt, checked on resume
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "epoch": epoch, **extra, "files": files}, indent=2))
         (tmp / "COMPLETE").write_text("ok\n")
         fileio.publish(tmp, final)
 

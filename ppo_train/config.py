@@ -126,6 +126,9 @@ class ModelConfig:
     gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (de-quantized on load)
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    # A checkpoint that lacks weights the model needs is refused (a broken download, another
+    # architecture); true loads it anyway, the missing weights at random.
+    allow_missing_weights: bool = False
     attention: Attention = Attention.auto
     logits_chunk: int = 1024  # response tokens per chunk of the output projection
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -339,6 +342,22 @@ def cross_group_problems(cfg) -> list[str]:
         if p.name != "ffd":
             out.append(f"layout=unmasked with packing={p.name}: without ffd packing every sequence has its own "
                        "row and the layout is just paired; use packing=ffd")
+    return out
+
+
+def environment_problems(cfg) -> list[str]:
+    """Settings this machine cannot run: a GPU that is not there, FlexAttention training on the
+    CPU (it has no CPU backward in torch: the run would fail at the first backward)."""
+    import torch
+
+    out = []
+    cuda = torch.cuda.is_available()
+    if cfg.trainer.device == "cuda" and not cuda:
+        out.append("trainer.device=cuda: no CUDA device is visible to this process; use trainer.device=cpu (or auto)")
+    on_cpu = cfg.trainer.device == "cpu" or not cuda
+    if cfg.mode == "train" and cfg.model.attention == "flex" and on_cpu:
+        out.append("model.attention=flex: FlexAttention has no backward on the CPU, so training there fails at the "
+                   "first step; use model.attention=sdpa (or auto, which picks sdpa on the CPU)")
     return out
 
 

@@ -38,6 +38,11 @@ def deepspeed_config(t: DictConfig, world_size: int) -> dict:
     }
 
 
+def zero3_config(t: DictConfig, world_size: int) -> dict | None:
+    """The DeepSpeed config under which models are built partitioned (ZeRO-3), else None."""
+    return deepspeed_config(t, world_size) if int(t.zero_stage) == 3 else None
+
+
 def lr_lambda(schedule: str, warmup: int, total: int):
     def fn(step: int) -> float:
         if warmup and step < warmup:

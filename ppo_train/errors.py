@@ -43,3 +43,7 @@ class NonFiniteLoss(PptrainError, FloatingPointError):
 
 class SaveFailed(PptrainError, RuntimeError):
     """A checkpoint or model export that could not be written; the previous checkpoint is intact."""
+
+
+class ResumeError(PptrainError, RuntimeError):
+    """A checkpoint that cannot be resumed: missing, damaged, or from a job with another data plan."""

@@ -4,6 +4,7 @@ metrics.jsonl (rank 0), and show a rich progress bar and a final summary table."
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -55,6 +56,26 @@ class StepMetrics:
         return row
 
 
+def _rows_up_to(path: Path, step: int) -> list[dict]:
+    """The rows of `path` up to `step` (later ones are trained again). A line that does not
+    parse (a kill in the middle of a write leaves a torn last line) is dropped and counted."""
+    rows, torn = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            if row["step"] <= step:
+                rows.append(row)
+        else:
+            torn += 1
+    if torn:
+        print(f"pptrain: warning: {path}: dropped {torn} line(s) that do not parse (a kill mid-write)", file=sys.stderr)
+    return rows
+
+
 class MetricsWriter:
     """metrics.jsonl, wandb and the progress bar; a no-op on ranks other than 0."""
 
@@ -66,10 +87,8 @@ class MetricsWriter:
         if enabled:
             path = run_dir / "metrics.jsonl"
             if resume_step is not None and path.exists():
-                # keep the rows up to the checkpoint; later ones are trained again
-                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-                self.history = [json.loads(line) for line in kept]
-                fileio.write_text(path, "".join(line + "\n" for line in kept))
+                self.history = _rows_up_to(path, resume_step)
+                fileio.write_text(path, "".join(json.dumps(row) + "\n" for row in self.history))
             self.file = open(path, "a" if resume_step is not None else "w")
         self.progress = None
         if enabled and progress:

@@ -9,6 +9,7 @@ documents from the position ids (which would split a response from its prompt).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -71,11 +72,17 @@ def load_tokenizer(cfg: DictConfig, reward: bool = False):
 
 def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend: str, seed: int,
                    name_or_path: str | None = None, gguf_file: str | None = None, reward: bool = False,
-                   pad_token_id: int | None = None, longest_sequence: int = 0):
+                   pad_token_id: int | None = None, longest_sequence: int = 0, zero3: dict | None = None):
     """A causal LM (or, with reward=True, a one-label AutoModelForSequenceClassification whose
     head starts at random) from a hub id / local folder, or from `from_config` with seeded
     random weights. Refused (ModelLoadError) when pptrain would not reproduce its log-probs
-    (`architecture_problems`; `longest_sequence` is the data's longest prompt + response)."""
+    (`architecture_problems`; `longest_sequence` is the data's longest prompt + response), and
+    when the checkpoint lacks weights the model needs (unless model.allow_missing_weights).
+
+    `zero3`: a ZeRO-3 DeepSpeed config. A pretrained model is then partitioned while it loads
+    (transformers' zero.Init through HfDeepSpeedConfig): no rank ever holds all of it. Models
+    from `from_config` (random weights, for tests and small runs) and GGUF files are built whole
+    on every rank, so their weights are the same for every world size and ZeRO stage."""
     impl = attn_implementation(backend)
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     extra = {"num_labels": 1, "pad_token_id": pad_token_id} if reward else {}
@@ -85,7 +92,7 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
         model_type = kwargs.pop("model_type")
         kwargs.setdefault("vocab_size", vocab_size)
         config = AutoConfig.for_model(model_type, **kwargs, **extra)
-        check_architecture(config, longest_sequence)
+        check_architecture(config, longest_sequence, backend)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = auto.from_config(config, attn_implementation=impl, dtype=dtype)
@@ -101,15 +108,41 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
     gguf_file = gguf_file or cfg.gguf_file
     try:
         check_architecture(AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file, revision=cfg.revision,
-                                                      trust_remote_code=cfg.trust_remote_code), longest_sequence)
-        with torch.random.fork_rng():
+                                                      trust_remote_code=cfg.trust_remote_code), longest_sequence,
+                           backend)
+        with torch.random.fork_rng(), _partitioned(zero3 if not gguf_file else None):
             torch.manual_seed(seed)  # a new reward head starts from the same weights on every rank
-            model = auto.from_pretrained(
+            model, info = auto.from_pretrained(
                 name_or_path, gguf_file=gguf_file, revision=cfg.revision, dtype=dtype, attn_implementation=impl,
-                trust_remote_code=cfg.trust_remote_code, use_safetensors=None if gguf_file else True, **extra)
+                trust_remote_code=cfg.trust_remote_code, use_safetensors=None if gguf_file else True,
+                output_loading_info=True, **extra)
     except (OSError, ValueError) as err:  # no weights, an unknown model type, remote code refused
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}") from err
+    missing = [k for k in info.get("missing_keys", []) if not (reward and k.startswith("score."))]
+    if missing and not cfg.allow_missing_weights:
+        raise ModelLoadError(
+            f"model {name_or_path!r}: {len(missing)} weight(s) the model needs are not in the checkpoint "
+            f"({', '.join(sorted(missing)[:4])}{', ...' if len(missing) > 4 else ''}); they would start at random. "
+            "This is almost always an incomplete download or a checkpoint of another architecture; "
+            "model.allow_missing_weights=true loads it anyway")
     return _plain_copy(model, auto, impl, dtype) if gguf_file else model
+
+
+@contextlib.contextmanager
+def _partitioned(zero3: dict | None):
+    """Inside, transformers builds pretrained models under deepspeed.zero.Init (ZeRO-3)."""
+    if zero3 is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(zero3)  # transformers keeps only a weak reference: hold it while loading
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep
 
 
 def _plain_copy(model, auto, impl: str, dtype: torch.dtype):
@@ -130,12 +163,17 @@ _HEAD_AND_ATTENTION = {"final_logit_softcapping": (None, 0, 0.0), "attn_logit_so
                        "logit_scale": (None, 1, 1.0), "logits_scaling": (None, 1, 1.0)}
 
 
-def architecture_problems(config, longest_sequence: int = 0) -> list[str]:
+def architecture_problems(config, longest_sequence: int = 0, backend: str = "sdpa") -> list[str]:
     """Why pptrain's log-probs would differ from the model's own for this config (empty if they
     match). `longest_sequence`: the longest [prompt | response] of the data, in tokens; a
-    sliding window shorter than that would be ignored (documents attend in full)."""
+    sliding window shorter than that would be ignored (documents attend in full). With the
+    flex backend, attention dropout would be ignored (pptrain's flex function applies none)."""
     problems = [f"{name}={getattr(config, name)}" for name, off in _HEAD_AND_ATTENTION.items()
                 if getattr(config, name, None) not in off]
+    dropout = getattr(config, "attention_dropout", 0.0) or 0.0
+    if backend == "flex" and dropout > 0:
+        problems.append(f"attention_dropout={dropout} with model.attention=flex (FlexAttention has no dropout; "
+                        "set it to 0 or use model.attention=sdpa)")
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     windowed = getattr(config, "use_sliding_window", None)
@@ -147,9 +185,9 @@ def architecture_problems(config, longest_sequence: int = 0) -> list[str]:
     return problems
 
 
-def check_architecture(config, longest_sequence: int = 0) -> None:
+def check_architecture(config, longest_sequence: int = 0, backend: str = "sdpa") -> None:
     """Raise ModelLoadError (before any weights load) when architecture_problems finds any."""
-    problems = architecture_problems(config, longest_sequence)
+    problems = architecture_problems(config, longest_sequence, backend)
     if problems:
         raise ModelLoadError(
             f"model_type {config.model_type}: {'; '.join(problems)}: pptrain does not "
@@ -159,6 +197,7 @@ def check_architecture(config, longest_sequence: int = 0) -> None:
 def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) -> torch.nn.Module:
     """The trained module: the model (a causal LM, or a one-label classifier for a reward loss),
     with LoRA adapters if asked, gradient checkpointing if asked, wrapped for scoring."""
+    from ppo_train.engine import zero3_config
     from ppo_train.losses import LOSSES
     from ppo_train.masks import resolve_backend
     from ppo_train.scoring import PolicyModule, RewardModule
@@ -166,7 +205,8 @@ def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) ->
     reward = LOSSES[cfg.loss.name].reward_head
     model = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision),
                            resolve_backend(cfg.model.attention, dist.device), cfg.trainer.seed, reward=reward,
-                           pad_token_id=tokenizer.pad_token_id, longest_sequence=longest_sequence)
+                           pad_token_id=tokenizer.pad_token_id, longest_sequence=longest_sequence,
+                           zero3=zero3_config(cfg.trainer, dist.world_size))
     if cfg.model.lora.enabled:
         from ppo_train.lora import apply_lora
 

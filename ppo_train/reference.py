@@ -117,13 +117,15 @@ def compute_table(module, scorer: Scorer, schedule: Schedule, dist: DistInfo, fp
 def reference_module(cfg, tokenizer, dist: DistInfo, longest_sequence: int = 0):
     """A fresh, frozen copy of the initial policy (same seed, same weights) or of
     reference.name_or_path, wrapped for scoring."""
+    from ppo_train.engine import zero3_config
     from ppo_train.masks import resolve_backend
     from ppo_train.model import dtype_of, load_causal_lm
     from ppo_train.scoring import PolicyModule
 
     model = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision),
                            resolve_backend(cfg.model.attention, dist.device), cfg.trainer.seed,
-                           cfg.reference.name_or_path, cfg.reference.gguf_file, longest_sequence=longest_sequence)
+                           cfg.reference.name_or_path, cfg.reference.gguf_file, longest_sequence=longest_sequence,
+                           zero3=zero3_config(cfg.trainer, dist.world_size))
     return PolicyModule(model, cfg.model.logits_chunk, dist)
 
 
@@ -139,8 +141,8 @@ def _table(cfg, engine, scorer: Scorer, dist: DistInfo, run_dir: Path, tokenizer
         return table
     if cfg.reference.name_or_path is None:
         module = engine.engine  # the initial policy, before any update
-    else:
-        module = reference_module(cfg, tokenizer, dist, longest).to(dist.device)
+    else:  # a DeepSpeed inference engine: under ZeRO-3 the model is partitioned from the start
+        module = LiveReference(reference_module(cfg, tokenizer, dist, longest), cfg.trainer, dist).engine
     plan = Schedule(scorer.units, cfg.packing, cfg.trainer.micro_batch_size, cfg.trainer.seed, dist.world_size,
                     dist.rank)
     table = compute_table(module, scorer, plan, dist, fp)

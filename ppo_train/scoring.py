@@ -21,7 +21,7 @@ import torch
 
 from ppo_train.data.collate import PackedBatch, collate
 from ppo_train.data.layout import Unit
-from ppo_train.data.packing import MicroBatch
+from ppo_train.data.packing import MicroBatch, round_up
 from ppo_train.dist import SINGLE, DistInfo, reduce
 from ppo_train.errors import ModelLoadError
 from ppo_train.logps import ResponseLogps, sum_per_response, token_logps
@@ -106,6 +106,26 @@ class Scored:
     scores: ResponseLogps
 
 
+def static_shapes(units: list[Unit], packing, micro_batch_size: int) -> tuple[int, tuple[int, ...]]:
+    """(rows per micro-batch, allowed row lengths) that every micro-batch of any epoch fits.
+
+    Compiled FlexAttention specializes on the batch shape (dynamic=False); after 8 shapes
+    dynamo stops compiling that function and falls back to the unfused path, which
+    materializes (B, H, L, L) scores. So under flex every micro-batch is padded to the same
+    number of rows and to one of at most three row lengths: ffd rows are `row_tokens` long;
+    none/sorted rows take the smallest of Lmax/4, Lmax/2 and Lmax (Lmax: the longest document,
+    rounded up to pad_multiple) that holds them. With the training and the no-grad passes
+    compiled separately, a run compiles at most 2 (ffd) or 6 (none/sorted) graphs.
+    """
+    if packing.name == "ffd":
+        return packing.rows_per_batch, (packing.row_tokens,)
+    docs = [hi - lo for u in units for lo, hi in u.doc_bounds]
+    longest = round_up(max(docs, default=1), packing.pad_multiple)
+    per_unit = max((len(u.doc_bounds) for u in units), default=1)
+    lengths = sorted({round_up(-(-longest // d), packing.pad_multiple) for d in (4, 2, 1)})
+    return micro_batch_size * per_unit, tuple(lengths)
+
+
 @dataclass(frozen=True)
 class Scorer:
     """Collate, mask and forward for the micro-batches of one list of units."""
@@ -117,19 +137,31 @@ class Scorer:
     pad_multiple: int = 128  # the row length of an empty micro-batch
     mask_documents: bool = True  # False only for layout=unmasked
     restart_positions: bool = True
+    rows: int = 1  # at least this many rows per micro-batch (static shapes: see static_shapes)
+    lengths: tuple[int, ...] = ()  # allowed row lengths (empty: each micro-batch's own)
 
     @classmethod
-    def from_config(cls, cfg, units: list[Unit], pad_id: int, device: torch.device) -> "Scorer":
-        return cls(units, pad_id, resolve_backend(cfg.model.attention, device), device, cfg.packing.pad_multiple,
-                   mask_documents=cfg.layout.name != "unmasked", restart_positions=cfg.layout.restart_positions)
+    def from_config(cls, cfg, units: list[Unit], pad_id: int, device: torch.device,
+                    all_units: list[Unit] | None = None) -> "Scorer":
+        """`all_units`: every unit this scorer's copies will see (training and evaluation), so
+        that both passes share one set of shapes under flex."""
+        backend = resolve_backend(cfg.model.attention, device)
+        rows, lengths = 1, ()
+        if backend == "flex":
+            rows, lengths = static_shapes(all_units or units, cfg.packing, cfg.trainer.micro_batch_size)
+        return cls(units, pad_id, backend, device, cfg.packing.pad_multiple,
+                   mask_documents=cfg.layout.name != "unmasked", restart_positions=cfg.layout.restart_positions,
+                   rows=rows, lengths=lengths)
 
     def with_units(self, units: list[Unit]) -> "Scorer":
         return replace(self, units=units)
 
     def batch(self, mb: MicroBatch | None) -> PackedBatch:
-        """The tensors of `mb` on the device; None gives an empty micro-batch (one pad row)."""
+        """The tensors of `mb` on the device; None gives an empty micro-batch (pad rows only)."""
+        need = mb.row_length if mb is not None else 0
+        length = next((n for n in self.lengths if n >= need), None)
         return collate(self.units, mb, self.pad_id, self.pad_multiple, self.mask_documents,
-                       self.restart_positions).to(self.device)
+                       self.restart_positions, self.rows, length).to(self.device)
 
     def mask(self, batch: PackedBatch):
         return build_mask(batch.doc_ids, batch.segment_ids, self.backend)

@@ -45,9 +45,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
 
     # model, engine, reference scores (before the first update)
     engine = Engine(build_policy(cfg, tokenizer, dist, data.longest_sequence), t, schedule.total_steps, dist)
-    scorer = Scorer.from_config(cfg, data.units, tokenizer.pad_token_id, dist.device)
+    scorer = Scorer.from_config(cfg, data.units, tokenizer.pad_token_id, dist.device, data.units + data.eval_units)
     reference, eval_reference = build_references(cfg, engine, scorer, data, dist, run_dir, tokenizer)
-    start = checkpoint.resume(engine, run_dir, t.resume)
+    plan = checkpoint.plan_identity(cfg, data.units, dist)  # what a resume must not change
+    start = checkpoint.resume(engine, run_dir, t.resume, plan)
     writer = MetricsWriter(run_dir, schedule.total_steps, dist.is_main, cfg.logging.progress,
                            _wandb_run(cfg, run_dir) if dist.is_main else None, resume_step=start)
 
@@ -77,7 +78,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
             writer.write(evaluate(engine, scorer.with_units(data.eval_units), eval_reference, cfg, dist) | {"step": done})
         stopping = stop.any_rank(dist)
         if stopping or (t.save_every and done % t.save_every == 0 and done < schedule.total_steps):
-            checkpoint.save(engine, run_dir, done, step.epoch, {"total_steps": schedule.total_steps}, t.keep_last)
+            checkpoint.save(engine, run_dir, done, step.epoch, {"total_steps": schedule.total_steps, "plan": plan},
+                            t.keep_last)
         if stopping:
             break
     stop.restore()

