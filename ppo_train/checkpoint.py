@@ -107,49 +107,79 @@ def _unusable(path: Path) -> str | None:
     return None
 
 
+def will_resume(run_dir: Path, setting: str | None) -> bool:
+    """Before anything is written: whether this start continues a checkpoint. A fresh start
+    (trainer.resume=null) in a directory that holds checkpoints is refused, so that one run's
+    checkpoints are never mixed with another's (keep_last would keep the older run's later
+    steps, and trainer.resume=auto would pick them up)."""
+    found = complete_checkpoints(run_dir)
+    if setting is None and found:
+        raise ResumeError(f"{run_dir} holds checkpoints of an earlier run (newest: {found[-1].name}); "
+                          "trainer.resume=auto continues it; to start over, delete "
+                          f"{checkpoint_root(run_dir)} or give the run another directory (hydra.run.dir=...)")
+    return setting is not None and (setting != "auto" or bool(found))
+
+
+def _candidates(run_dir: Path, setting: str | None) -> list[Path]:
+    """The checkpoints `trainer.resume` allows, newest first (auto: every complete one of the run)."""
+    if setting is None:
+        return []
+    if setting == "auto":
+        return complete_checkpoints(run_dir)[::-1]
+    path = Path(setting).expanduser().resolve()
+    if not (path / "COMPLETE").is_file():
+        found = [p.name for p in complete_checkpoints(path.parent.parent)] if path.parent.name == "checkpoints" else []
+        raise ResumeError(f"trainer.resume={setting!r}: not a complete checkpoint folder (no COMPLETE file: the "
+                          "save was interrupted or it is not a checkpoint)"
+                          + (f"; complete ones beside it: {found}" if found else ""))
+    return [path]
+
+
+def check_plan(run_dir: Path, setting: str | None, identity: dict) -> None:
+    """Before the model loads: refuse to continue a checkpoint trained with another data plan
+    (`plan_identity`), naming each change; resuming would continue on other examples."""
+    for path in _candidates(run_dir, setting):
+        try:
+            meta = json.loads((path / "trainer.json").read_text())
+        except (OSError, ValueError):
+            continue  # damaged: resume() names it and falls back
+        changes = plan_changes(meta["plan"], identity) if "plan" in meta else []
+        if changes:
+            raise ResumeError(f"trainer.resume: {path} was trained with another data plan, so step {meta['step']} would "
+                              f"continue on other examples: {'; '.join(changes)}. Resume with the settings it was saved "
+                              "with, or start a new run directory")
+        return
+
+
 def resume(engine, run_dir: Path, setting: str | None, identity: dict) -> int | None:
     """Restore the checkpoint that `trainer.resume` names and return its step; None when
     training starts fresh. `auto` takes the newest complete checkpoint of the run directory and
     falls back to the one before it when the newest is damaged (each damaged one is named); a
-    checkpoint of a job with another data plan (`plan_identity`) is refused, naming what changed."""
+    checkpoint of a job with another data plan is refused (check_plan)."""
     dist = engine.dist
-    if setting is None:
+    candidates = _candidates(run_dir, setting)
+    if setting == "auto" and not candidates:
+        if dist.is_main:
+            print(f"pptrain: trainer.resume=auto: no complete checkpoint in {checkpoint_root(run_dir)}; "
+                  "starting at step 0", file=sys.stderr)
         return None
-    if setting == "auto":
-        candidates = complete_checkpoints(run_dir)[::-1]
-        if not candidates:
-            if dist.is_main:
-                print(f"pptrain: trainer.resume=auto: no complete checkpoint in {checkpoint_root(run_dir)}; "
-                      "starting at step 0", file=sys.stderr)
-            return None
-    else:
-        path = Path(setting).expanduser().resolve()
-        if not (path / "COMPLETE").is_file():
-            found = [p.name for p in complete_checkpoints(path.parent.parent)] if path.parent.name == "checkpoints" else []
-            raise ResumeError(f"trainer.resume={setting!r}: not a complete checkpoint folder (no COMPLETE file: the "
-                              f"save was interrupted or it is not a checkpoint)"
-                              + (f"; complete ones beside it: {found}" if found else ""))
-        candidates = [path]
     damaged = []
     for path in candidates:
-        meta = {}
         problem = _unusable(path)
         if problem is None:
-            meta = json.loads((path / "trainer.json").read_text())
-            changes = plan_changes(meta["plan"], identity) if "plan" in meta else []
-            if changes:
-                raise ResumeError(f"trainer.resume: {path} was trained with another data plan, so step {meta['step']} "
-                                  f"would continue on other examples: {'; '.join(changes)}. Resume with the settings it "
-                                  "was saved with, or start a new run directory")
+            check_plan(run_dir, str(path), identity)
             problem = _attempt_load(engine, path)
         problem = next((p for p in gather_objects(problem, dist) if p), None)  # every rank falls back together
         if problem is None:
+            step = json.loads((path / "trainer.json").read_text())["step"]
             if dist.is_main:
                 for name, why in damaged:
                     print(f"pptrain: warning: skipped the damaged checkpoint {name}: {why}", file=sys.stderr)
-                print(f"pptrain: resumed from {path} at step {meta['step']}", file=sys.stderr)
-            return meta["step"]
+                print(f"pptrain: resumed from {path} at step {step}", file=sys.stderr)
+            return step
         damaged.append((path, problem))
+    if not damaged:
+        return None
     raise ResumeError("trainer.resume: no usable checkpoint: " + "; ".join(f"{p}: {why}" for p, why in damaged))
 
 

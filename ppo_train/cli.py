@@ -82,9 +82,14 @@ def run(cfg: DictConfig) -> None:
 
         run_stats(cfg, out_dir)
         return
+    from ppo_train.runlock import RunLock
     from ppo_train.train import train
 
-    train(cfg, out_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # one run per directory; the other ranks share it
+        with RunLock(out_dir):
+            train(cfg, out_dir)
+    else:
+        train(cfg, out_dir)
 
 
 def quiet_libraries() -> None:

@@ -385,6 +385,27 @@ def register() -> None:
         OmegaConf.register_new_resolver("asset", lambda rel: str(asset_path(rel)))
     if not OmegaConf.has_resolver("smollm2_dir"):
         OmegaConf.register_new_resolver("smollm2_dir", smollm2_dir)
+    if not OmegaConf.has_resolver("pptrain_dirname"):
+        OmegaConf.register_new_resolver("pptrain_dirname", run_dirname)
+
+
+def run_dirname(override_dirname: str) -> str:
+    """The folder name of a run from Hydra's `key=value,key=value` override string: "default"
+    when there is none; a value holding a path separator becomes its last part and a short
+    hash of the whole (`dataset.path=/data/x.jsonl` -> `dataset.path=x.jsonl-1a2b3c`), so
+    paths neither nest folders nor collide."""
+    import hashlib
+
+    if not override_dirname:
+        return "default"
+    parts = []
+    for item in override_dirname.split(","):
+        key, sep, value = item.partition("=")
+        if "/" in value or "\\" in value:
+            tail = value.replace("\\", "/").rstrip("/").rpartition("/")[2] or "root"
+            value = f"{tail}-{hashlib.sha1(value.encode()).hexdigest()[:6]}"
+        parts.append(f"{key}{sep}{value}")
+    return ",".join(parts)
 
 
 def smollm2_dir() -> str:

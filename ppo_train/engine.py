@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from ppo_train import fileio
 from ppo_train.dist import DistInfo, barrier
-from ppo_train.errors import WRITE_ERRORS, SaveFailed
+from ppo_train.errors import WRITE_ERRORS, NonFiniteLoss, SaveFailed
 
 
 def deepspeed_config(t: DictConfig, world_size: int) -> dict:
@@ -91,8 +91,36 @@ class Engine:
         # global pair count, so undo the average by scaling with the world size.
         self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
 
-    def step(self) -> None:
-        self.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
+    def step(self) -> bool:
+        """After every micro-batch; DeepSpeed applies the update at the accumulation boundary.
+        There, non-finite gradients (possible from a finite loss) are caught before the update
+        (ZeRO stage 0, where every rank holds the whole gradient; stages 1-3 keep them inside
+        DeepSpeed's partitions and are not checked): trainer.on_nonfinite=error stops with the
+        last checkpoint intact, skip applies no change to the weights (learning rate 0 for this
+        update, gradients zeroed; Adam's moments still decay) and returns False."""
+        if self.engine.is_gradient_accumulation_boundary() and not self._grads_finite():
+            if self.t.on_nonfinite == "error":
+                raise NonFiniteLoss("non-finite gradients from a finite loss at this optimizer step; the last "
+                                    "checkpoint is intact; trainer.on_nonfinite=skip skips such updates instead")
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()  # NaN gradients would make Adam's moments NaN even at learning rate 0
+            groups = self.optimizer.param_groups
+            saved = [g["lr"] for g in groups]
+            for g in groups:
+                g["lr"] = 0.0
+            self.engine.step()
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
+            return False
+        self.engine.step()
+        return True
+
+    def _grads_finite(self) -> bool:
+        if int(self.t.zero_stage) != 0:
+            return True
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return all(bool(torch.isfinite(g).all()) for g in grads)
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])

@@ -28,10 +28,13 @@ class StepMetrics:
         for key, value in metrics.items():
             self.sums[key] += float(value.detach().sum())
 
-    def add_batch(self, batch) -> None:
-        self.sums["pairs"] += batch.num_pairs
-        self.sums["responses"] += batch.num_responses
-        self.sums["samples"] += len(batch.example_ids)
+    def add_batch(self, batch, trained: bool = True) -> None:
+        """Token counts of a processed micro-batch; its pairs, responses and samples only if it
+        trained (a skipped non-finite micro-batch counts as work, not as training)."""
+        if trained:
+            self.sums["pairs"] += batch.num_pairs
+            self.sums["responses"] += batch.num_responses
+            self.sums["samples"] += len(batch.example_ids)
         self.sums["tokens"] += batch.shape[0] * batch.shape[1]
         self.sums["real_tokens"] += batch.real_tokens
 

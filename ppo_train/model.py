@@ -66,7 +66,12 @@ def load_tokenizer(cfg: DictConfig, reward: bool = False):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if reward and tok.pad_token_id == tok.eos_token_id:
-        tok.pad_token = tok.unk_token or tok.bos_token
+        other = next((t for t in (tok.unk_token, tok.bos_token)
+                      if t is not None and tok.convert_tokens_to_ids(t) != tok.eos_token_id), None)
+        if other is not None:
+            tok.pad_token = other
+        else:  # no token that is provably not EOS: add one (the model's embeddings grow to match)
+            tok.add_special_tokens({"pad_token": "<|pptrain_pad|>"})
     return tok
 
 
@@ -118,6 +123,9 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
                 output_loading_info=True, **extra)
     except (OSError, ValueError) as err:  # no weights, an unknown model type, remote code refused
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}") from err
+    if vocab_size > model.get_input_embeddings().num_embeddings:  # a pad token was added (reward models)
+        with _partitioned(zero3 if not gguf_file else None):
+            model.resize_token_embeddings(vocab_size)
     missing = [k for k in info.get("missing_keys", []) if not (reward and k.startswith("score."))]
     if missing and not cfg.allow_missing_weights:
         raise ModelLoadError(
@@ -192,6 +200,26 @@ def check_architecture(config, longest_sequence: int = 0, backend: str = "sdpa")
         raise ModelLoadError(
             f"model_type {config.model_type}: {'; '.join(problems)}: pptrain does not "
             "reproduce this, so its log-probs would be wrong; tested architectures: llama, qwen2, mistral")
+
+
+def weights_identity(name_or_path: str | None, revision: str | None = None) -> dict:
+    """What the weights behind `name_or_path` are, for cache fingerprints: the name, size and
+    modification time of every weight and config file of a local folder; the commit of a hub
+    model's cached snapshot (None when it is not cached). Random weights (no path): empty."""
+    if not name_or_path:
+        return {}
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return {"files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(local.iterdir())
+                          if f.suffix in (".safetensors", ".gguf", ".bin", ".json") and f.is_file()]}
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(name_or_path, revision=revision, local_files_only=True,
+                                   allow_patterns=["config.json"])
+        return {"commit": Path(folder).name}
+    except Exception:  # noqa: BLE001 - not cached (or no hub library state): nothing to pin
+        return {"commit": None}
 
 
 def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) -> torch.nn.Module:

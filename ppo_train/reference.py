@@ -53,16 +53,29 @@ class ReferenceTable:
 
     @classmethod
     def load(cls, run_dir: Path, fingerprint: str, split: str = "train") -> "ReferenceTable | None":
+        """The cached table if it matches `fingerprint`; None when there is none, it is another
+        model's or data's, or it cannot be read (truncated, not safetensors: it is only a cache,
+        so it is recomputed, with a warning)."""
         path = run_dir / _file(split)
         if not path.is_file():
             return None
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("fingerprint") != fingerprint:
-                return None
-        tensors = load_file(str(path))
-        return cls(tensors["sums"], tensors["counts"], fingerprint)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("fingerprint") != fingerprint:
+                    return None
+            tensors = load_file(str(path))
+            table = cls(tensors["sums"], tensors["counts"], fingerprint)
+        except (SafetensorError, OSError, ValueError, KeyError) as err:
+            print(f"pptrain: warning: the reference cache {path} cannot be read ({type(err).__name__}: {err}); "
+                  "computing it again", file=sys.stderr)
+            return None
+        if table.sums.dim() != 2 or table.sums.shape != table.counts.shape:
+            print(f"pptrain: warning: the reference cache {path} has the wrong shape; computing it again",
+                  file=sys.stderr)
+            return None
+        return table
 
 
 class LiveReference:
@@ -132,9 +145,15 @@ def reference_module(cfg, tokenizer, dist: DistInfo, longest_sequence: int = 0):
 def _table(cfg, engine, scorer: Scorer, dist: DistInfo, run_dir: Path, tokenizer, split: str,
            longest: int) -> ReferenceTable:
     """The table of one split, computed once before training (or found in the run directory)."""
+    from ppo_train.model import weights_identity
+
+    # what the weights are, not only where: the files of a local folder, the hub commit
+    source = cfg.reference.name_or_path or cfg.model.name_or_path
+    revision = cfg.model.revision if cfg.reference.name_or_path is None else None
     identity = {"reference": OmegaConf.to_container(cfg.reference, resolve=True),
                 "model": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.trainer.seed,
-                "precision": cfg.trainer.precision, "layout": cfg.layout.name, "split": split}
+                "precision": cfg.trainer.precision, "layout": cfg.layout.name, "split": split,
+                "weights": weights_identity(source, revision)}
     fp = fingerprint(scorer.units, identity)
     table = ReferenceTable.load(run_dir, fp, split) if cfg.reference.cache else None
     if table is not None:

@@ -32,12 +32,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     run_dir, t, loss = Path(run_dir), cfg.trainer, LOSSES[cfg.loss.name]
     dist = init_distributed(t.device)
     seed_everything(t.seed)
-    if dist.is_main:
-        fileio.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    resuming = checkpoint.will_resume(run_dir, t.resume)  # every rank: a refusal stops them all
+    if dist.is_main:  # a resumed run keeps the config.yaml of the run it continues
+        fileio.write_text(run_dir / ("config.resumed.yaml" if resuming else "config.yaml"),
+                          OmegaConf.to_yaml(cfg, resolve=True))
 
     # data: rows -> units -> the step plan (deterministic, identical on every rank)
     tokenizer = load_tokenizer(cfg.model, reward=loss.reward_head)
     data = prepare(cfg, tokenizer)
+    plan = checkpoint.plan_identity(cfg, data.units, dist)  # what a resume must not change
+    checkpoint.check_plan(run_dir, t.resume, plan)
     if dist.is_main:  # written before training, so a run that stops early still has it
         fileio.write_text(run_dir / "data_report.json",
                           json.dumps({**data.report(), "skipped_rows": data.skipped_rows()}, indent=2))
@@ -47,7 +51,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     engine = Engine(build_policy(cfg, tokenizer, dist, data.longest_sequence), t, schedule.total_steps, dist)
     scorer = Scorer.from_config(cfg, data.units, tokenizer.pad_token_id, dist.device, data.units + data.eval_units)
     reference, eval_reference = build_references(cfg, engine, scorer, data, dist, run_dir, tokenizer)
-    plan = checkpoint.plan_identity(cfg, data.units, dist)  # what a resume must not change
     start = checkpoint.resume(engine, run_dir, t.resume, plan)
     writer = MetricsWriter(run_dir, schedule.total_steps, dist.is_main, cfg.logging.progress,
                            _wandb_run(cfg, run_dir) if dist.is_main else None, resume_step=start)
@@ -60,13 +63,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
             scored = scorer(engine, mb)
             ref = reference.scores(scored) if reference is not None else None
             per_pair, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss)
-            if all_ranks(bool(torch.isfinite(per_pair.detach()).all()), dist):
+            trained = all_ranks(bool(torch.isfinite(per_pair.detach()).all()), dist)
+            if trained:
                 engine.backward(per_pair.sum() / max(step.pairs, 1))
                 tracker.add_pairs(per_pair, metrics)
             else:
                 skipped += _skip_nonfinite(t.on_nonfinite, step, data, engine, scorer)
-            engine.step()
-            tracker.add_batch(scored.batch)
+            skipped += 0 if engine.step() else len(step.micro_batches)
+            tracker.add_batch(scored.batch, trained)
         done = step.index + 1
         row = tracker.reduce(dist) | {"step": done, "epoch": step.epoch, "lr": engine.lr(),
                                       "skipped_nonfinite": skipped}
