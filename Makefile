@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: help install quickstart run test test-slow test-gpu bench lint smollm2 clean
+.PHONY: help install quickstart run test test-slow test-gpu gpu-check bench lint smollm2 clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ test-slow: install ## slow tests (real SmolLM2, multi-process; ../shared/data wh
 
 test-gpu: install ## tests that need a CUDA device
 	$(PY) -m pytest -q -m gpu
+
+gpu-check: install ## the unattended first-GPU check (<= 8 min): outputs/gpu_check/gpu_check.{json,md}
+	$(PY) scripts/gpu_check.py
 
 bench: install ## the benchmark grid (scripts/bench.py) on this machine
 	$(PY) scripts/bench.py

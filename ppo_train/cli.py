@@ -11,9 +11,12 @@ import os
 import re
 import sys
 
+from pathlib import Path
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from ppo_train import config
 from ppo_train.config_check import config_problems, validate
@@ -44,17 +47,32 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def compose(overrides: list[str] | None = None, config_dirs=()) -> DictConfig:
+def compose(overrides: list[str] | None = None, config_dirs=(), with_hydra: bool = False) -> DictConfig:
     """The composed config for these overrides, as the command line would build it (for
     tests and notebooks; `config_dirs` as --config-dir); interpolations that need Hydra's
-    runtime are left unresolved."""
+    runtime are left unresolved unless `with_hydra` (then `cfg.hydra.run.dir` resolves too)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     config.register()
     extra = [f"hydra.searchpath=[{','.join(f'file://{d}' for d in config_dirs)}]"] if config_dirs else []
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=[*extra, *(overrides or [])], return_hydra_config=False)
+        cfg = hydra_compose(config_name="config", overrides=[*extra, *(overrides or [])],
+                            return_hydra_config=with_hydra)
+    if with_hydra:
+        HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_dir_problem(run_dir: str) -> str | None:
+    """Why the run directory cannot be written (Hydra would fail with a traceback there)."""
+    path = Path(run_dir).expanduser().absolute()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        return f"hydra.run.dir={run_dir!r}: {existing} is a file, so the run directory cannot be created there"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"hydra.run.dir={run_dir!r}: {existing} is not writable by this user"
+    return None
 
 
 def preflight(args: list[str]) -> list[str]:
@@ -66,10 +84,16 @@ def preflight(args: list[str]) -> list[str]:
     from ppo_train.config_check import command_line_problems, config_dirs_of
 
     problems, good = command_line_problems(args)
-    if problems:
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    if problems or not multirun:
         try:
-            problems += config_problems(compose(good, config_dirs_of(args)))
-        except (HydraException, ValueError) as err:  # composition itself failed: Hydra says why
+            cfg = compose(good, config_dirs_of(args), with_hydra=True)
+            if problems:
+                problems += config_problems(cfg)
+            elif not any(a.split("=", 1)[0] in ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info")
+                         for a in args):
+                problems += [p for p in [run_dir_problem(str(cfg.hydra.run.dir))] if p]
+        except (HydraException, ValueError, OmegaConfBaseException) as err:  # Hydra or a resolver says why
             problems.append(str(err.__cause__ or err).splitlines()[0])
     return problems
 
@@ -122,7 +146,11 @@ def main() -> None:
     def _main(cfg: DictConfig) -> None:
         try:
             run(cfg)
-        except PptrainError as err:  # the user's to fix: the message says what and where
+        except (PptrainError, OmegaConfBaseException) as err:  # the user's to fix: what and where
+            if isinstance(err, OmegaConfBaseException):  # a resolver's own error (${asset:..} outside assets)
+                if not isinstance(err.__cause__, PptrainError):
+                    raise
+                err = err.__cause__
             world = int(os.environ.get("WORLD_SIZE", "1"))
             rank = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
             print(f"pptrain: {rank}{err}", file=sys.stderr)

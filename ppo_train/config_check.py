@@ -349,7 +349,8 @@ def command_line_problems(args: list[str]) -> tuple[list[str], list[str]]:
     for arg, override in parsed:
         key = override.key_or_group
         if key.startswith("hydra") or override.package is not None:
-            continue  # Hydra's own settings and packaged overrides: Hydra checks them
+            good.append(arg)  # Hydra's own settings and packaged overrides: Hydra checks them
+            continue
         values = _sweep_values(override)
         if key in options:
             found = [p for v in values if (p := option_problem(key, str(v), "", dirs))]

@@ -50,9 +50,9 @@ class PreparedData:
 
     def skipped_rows(self, limit: int = 1000) -> list[str]:
         """Why each skipped row was skipped (the first `limit`, training file then eval file)."""
-        messages = list(self.load_report.skip_messages)
+        messages = list(self.load_report.skip_messages) + list(self.tokenize_report.skip_messages)
         if self.eval_file_reports is not None:
-            messages += self.eval_file_reports[0].skip_messages
+            messages += self.eval_file_reports[0].skip_messages + self.eval_file_reports[1].skip_messages
         return messages[:limit]
 
 
@@ -72,7 +72,7 @@ def prepare(cfg: DictConfig, tokenizer) -> PreparedData:
     eval_file_reports = None
     if d.eval_path:
         eval_rows, eval_load_report = load_examples(d, d.eval_path)
-        eval_tokenized, eval_tokenize_report = tokenize_examples(eval_rows, tokenizer, d)
+        eval_tokenized, eval_tokenize_report = tokenize_examples(eval_rows, tokenizer, d, d.eval_path)
         eval_file_reports = (eval_load_report, eval_tokenize_report)
     elif d.eval_fraction:
         order = np.random.default_rng([cfg.trainer.seed, 7]).permutation(len(tokenized))

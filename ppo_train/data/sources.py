@@ -75,19 +75,43 @@ def load_rows(cfg: DictConfig, path: str | None = None):
     path = path or cfg.path
     local = Path(path).expanduser()
     if is_local_path(path):
+        if local.is_dir():
+            raise DataError(f"dataset.path={path!r} is a folder; give one .jsonl, .json or .parquet file in it")
         if not local.is_file():
             raise DataError(f"dataset.path={path!r}: file not found; give a .jsonl, .json or .parquet file or a hub dataset id")
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(local.suffix)
         if kind is None:
             raise DataError(f"dataset.path={path!r}: unsupported file type {local.suffix!r}; expected .jsonl, .json or .parquet")
         if kind == "json":  # bad bytes, bad JSON, lone surrogates: named by line and row here
+            if _blank(local):
+                raise DataError(f"dataset.path={path!r}: the file is empty (no rows)")
             local = checked_path(local.resolve(), cfg.on_invalid)
         ds = datasets.load_dataset(kind, data_files=str(local.resolve()), split="train")
     else:
-        ds = datasets.load_dataset(path, cfg.name, split=cfg.split)
+        ds = _load_hub(datasets, path, cfg)
     if cfg.num_rows is not None:
         ds = ds.select(range(min(cfg.num_rows, len(ds))))
     return ds
+
+
+def _blank(path: Path) -> bool:
+    """True if the file holds nothing but whitespace (read until the first other byte)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
+
+
+def _load_hub(datasets, path: str, cfg: DictConfig):
+    """A hub dataset; an id that cannot be found or reached is one DataError naming it."""
+    try:
+        return datasets.load_dataset(path, cfg.name, split=cfg.split)
+    except (FileNotFoundError, ConnectionError, ValueError, OSError) as err:
+        offline = " (no network: the hub cannot be reached from here)" if "offline" in str(err).lower() or isinstance(
+            err, ConnectionError) else ""
+        raise DataError(f"dataset.path={path!r}: not a local file and not a hub dataset that can be loaded{offline}: "
+                        f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
 
 
 def detect_format(columns: list[str], source: str) -> str:

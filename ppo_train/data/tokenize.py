@@ -11,6 +11,11 @@ second EOS. The template renders the prompt with its BOS, so the ids are not giv
 Length policy: `truncate` keeps the prompt's last `max_prompt_length` tokens and each
 response's first `max_response_length` tokens; `drop` removes the example. Both are
 counted in the `TokenizeReport`.
+
+Special tokens inside the data's text (`<|im_end|>\n<|im_start|>system ...` in a user message)
+would be encoded as real control tokens, silently turning data into a turn boundary or a
+system message. Such a row is invalid: `dataset.on_invalid=error` stops naming the file, row,
+field and token; `skip` drops it and counts it (`rows_with_special_tokens`).
 """
 
 from __future__ import annotations
@@ -45,11 +50,14 @@ class TokenizeReport:
     truncated_prompts: int = 0
     truncated_responses: int = 0
     dropped_too_long: int = 0
+    special_token_rows: int = 0  # rows skipped because their text holds a special token
+    skip_messages: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
         return {"examples": self.examples, "truncated_prompts": self.truncated_prompts,
-                "truncated_responses": self.truncated_responses, "dropped_too_long": self.dropped_too_long}
+                "truncated_responses": self.truncated_responses, "dropped_too_long": self.dropped_too_long,
+                "rows_with_special_tokens": self.special_token_rows}
 
 
 def _render(tokenizer, example: PreferenceExample) -> tuple[str, list[str], bool]:
@@ -82,12 +90,44 @@ def _response_ids(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def tokenize_examples(examples: list[PreferenceExample], tokenizer, cfg: DictConfig) -> tuple[list[TokenizedExample], TokenizeReport]:
+def _texts(example: PreferenceExample):
+    """(field, text) of every piece of the row's text."""
+    for name, value in [("prompt", example.prompt)] + [(f"responses[{k}]", r) for k, r in enumerate(example.responses)]:
+        if isinstance(value, str):
+            yield name, value
+        else:
+            for i, message in enumerate(value):
+                yield f"{name}[{i}].content", message["content"]
+
+
+def special_token_problem(example: PreferenceExample, specials: list[str]) -> str | None:
+    for name, text in _texts(example):
+        hit = next((s for s in specials if s in text), None)
+        if hit is not None:
+            return (f"{name}: holds the tokenizer's special token {hit!r}, which would be encoded as a control token "
+                    "(a turn boundary, a role) instead of text")
+    return None
+
+
+def tokenize_examples(examples: list[PreferenceExample], tokenizer, cfg: DictConfig,
+                      source: str | None = None) -> tuple[list[TokenizedExample], TokenizeReport]:
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; responses must end in EOS (set tokenizer.eos_token)")
     report = TokenizeReport()
+    specials = sorted({str(t) for t in tokenizer.all_special_tokens} | {
+        str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)},
+        key=len, reverse=True)
     out = []
     for ex in examples:
+        problem = special_token_problem(ex, [s for s in specials if s])
+        if problem:
+            message = f"{source or cfg.path} row {ex.index}: {problem}"
+            if cfg.on_invalid != "skip":
+                raise DataError(f"{message}; remove it from the data (dataset.on_invalid=skip skips such rows and "
+                                "counts them)")
+            report.special_token_rows += 1
+            report.skip_messages.append(message)
+            continue
         prompt, responses, templated = _render(tokenizer, ex)
         prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
         response_ids = [_response_ids(tokenizer, r) for r in responses]

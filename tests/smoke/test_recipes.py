@@ -63,8 +63,9 @@ def test_recipe_runs_two_steps_with_a_tiny_model(recipe, tmp_path):
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["pairs"] > 0 and r["loss"] == r["loss"] for r in steps)
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
-    assert report["rows"] > 0 and len(report["skipped_rows"]) == min(
-        report["invalid_skipped"] + report.get("eval_file_invalid_skipped", 0), 1000)
+    skipped = sum(report.get(k, 0) for k in ("invalid_skipped", "rows_with_special_tokens",
+                                             "eval_file_invalid_skipped", "eval_file_rows_with_special_tokens"))
+    assert report["rows"] > 0 and len(report["skipped_rows"]) == min(skipped, 1000)
     assert steps[0]["data/rows"] == report["rows"] and "data/rows" not in steps[1]  # counts on the first row
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

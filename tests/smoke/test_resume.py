@@ -6,6 +6,7 @@ from __future__ import annotations
 from tests.conftest import child_env  # noqa: E402
 
 import json
+import random
 import signal
 import subprocess
 import sys
@@ -39,20 +40,45 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    full = tmp_path / "full"
-    run_pptrain(full, *ARGS)
-    killed = tmp_path / "killed"
-    proc = start(killed)
-    wait_for_rows(proc, killed / "metrics.jsonl", 5)  # the step-4 checkpoint exists from here on
+def _user_command(*overrides: str) -> list[str]:
+    """What a user types: no hand-set run directory (it follows from the overrides)."""
+    return [sys.executable, "-m", "ppo_train", "logging.progress=false", *ARGS, *overrides]
+
+
+def _only_run_dir(cwd: Path) -> Path:
+    found = list((cwd / "outputs" / "tiny_dpo").iterdir())
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_sigkill_then_the_same_command_with_resume_auto_continues(tmp_path):
+    """SIGKILL at a random step after the first checkpoint, then the literal same command plus
+    trainer.resume=auto: the run continues in its own directory, bit for bit."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    for cwd in (full, killed):
+        cwd.mkdir()
+    done = subprocess.run(_user_command(), cwd=full, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kill_after = random.Random().randint(3, 7)  # steps written before the kill (a checkpoint every 2)
+    print(f"killing after step {kill_after}")
+    proc = subprocess.Popen(_user_command(), cwd=killed, env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (killed / "outputs").exists() or not list((killed / "outputs" / "tiny_dpo").glob("*/metrics.jsonl")):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    run_dir = _only_run_dir(killed)
+    wait_for_rows(proc, run_dir / "metrics.jsonl", kill_after)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    partial = losses(killed)
-    assert 5 <= len(partial) < 8, f"killed after {len(partial)} steps: not in the middle"
-    run_pptrain(killed, *ARGS, "trainer.resume=auto")
-    want, got = losses(full), losses(killed)
+    assert len(losses(run_dir)) < 8, "the run finished before the kill"
+    resumed = subprocess.run(_user_command("trainer.resume=auto"), cwd=killed, env=child_env(), capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _only_run_dir(killed) == run_dir and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    want, got = losses(_only_run_dir(full)), losses(run_dir)
     assert got == want, f"resumed {got}\nuninterrupted {want}"
-    assert not list((killed / "checkpoints").glob("tmp-*")), "an unfinished save was left behind"
+    assert not list((run_dir / "checkpoints").glob("tmp-*")), "an unfinished save was left behind"
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
