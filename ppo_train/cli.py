@@ -100,6 +100,9 @@ def preflight(args: list[str]) -> list[str]:
 
 def run(cfg: DictConfig) -> None:
     validate(cfg)
+    problems = config.environment_problems(cfg)  # what this machine cannot run (a recipe may be for GPUs)
+    if problems:
+        raise ConfigError(problems)
     out_dir = HydraConfig.get().runtime.output_dir
     if cfg.mode == "stats":  # dataset statistics and the ideal speedups; no model is loaded
         from ppo_train.stats import run_stats

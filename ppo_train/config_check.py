@@ -27,7 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ppo_train.config import Config, cross_group_problems, environment_problems, path_problems, section_problems
+from ppo_train.config import Config, cross_group_problems, path_problems, section_problems
 from ppo_train.errors import ConfigError
 from ppo_train.losses import LOSSES
 
@@ -96,7 +96,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += section_problems(cfg)
     if not problems or cfg.loss.get("name") in LOSSES:
         problems += cross_group_problems(cfg)
-    return problems + environment_problems(cfg) + path_problems(cfg)
+    return problems + path_problems(cfg)
 
 
 def primary_config_dir() -> Path:
@@ -193,7 +193,7 @@ def unknown_keys(cfg: DictConfig, where: str = "", loss: str | None = None) -> l
     def walk(node: DictConfig, prefix: str) -> None:
         for key in node.keys():
             dotted = f"{prefix}{key}"
-            if dotted in FREE_FORM:
+            if dotted in FREE_FORM or dotted == "hydra":  # Hydra's own settings: Hydra checks them
                 continue
             problem = key_problem(dotted, where, loss)
             if problem:

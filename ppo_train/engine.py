@@ -8,15 +8,25 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from torch.profiler import record_function
 
 from ppo_train import fileio
 from ppo_train.dist import DistInfo, barrier
 from ppo_train.errors import WRITE_ERRORS, NonFiniteLoss, SaveFailed
 
 
+def zero_stage(t: DictConfig, world_size: int) -> int:
+    """`trainer.zero_stage`; auto = 0 in one process (nothing to partition), 3 with several or
+    when anything is offloaded to the CPU."""
+    if str(t.zero_stage) == "auto":
+        return 0 if world_size == 1 and not (t.offload_optimizer or t.offload_params) else 3
+    return int(t.zero_stage)
+
+
 def deepspeed_config(t: DictConfig, world_size: int) -> dict:
-    zero: dict = {"stage": int(t.zero_stage)}
-    if int(t.zero_stage) == 3:
+    stage = zero_stage(t, world_size)
+    zero: dict = {"stage": stage}
+    if stage == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": True})
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -40,7 +50,7 @@ def deepspeed_config(t: DictConfig, world_size: int) -> dict:
 
 def zero3_config(t: DictConfig, world_size: int) -> dict | None:
     """The DeepSpeed config under which models are built partitioned (ZeRO-3), else None."""
-    return deepspeed_config(t, world_size) if int(t.zero_stage) == 3 else None
+    return deepspeed_config(t, world_size) if zero_stage(t, world_size) == 3 else None
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -63,6 +73,7 @@ class Engine:
         import deepspeed
 
         self.t, self.dist = t, dist
+        self.stage = zero_stage(t, dist.world_size)
         self.ds_config = deepspeed_config(t, dist.world_size)
         warmup = int(round(t.warmup_ratio * total_steps))
         schedule = lr_lambda(str(t.schedule), warmup, total_steps)
@@ -89,7 +100,8 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed averages gradients over ranks; our loss is already normalized by the
         # global pair count, so undo the average by scaling with the world size.
-        self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+        with record_function("pptrain.backward"):
+            self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
 
     def step(self) -> bool:
         """After every micro-batch; DeepSpeed applies the update at the accumulation boundary.
@@ -113,11 +125,12 @@ class Engine:
             for g, lr in zip(groups, saved):
                 g["lr"] = lr
             return False
-        self.engine.step()
+        with record_function("pptrain.optimizer"):
+            self.engine.step()
         return True
 
     def _grads_finite(self) -> bool:
-        if int(self.t.zero_stage) != 0:
+        if self.stage != 0:
             return True
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         return all(bool(torch.isfinite(g).all()) for g in grads)
@@ -152,7 +165,7 @@ class Engine:
         """Gather the (possibly ZeRO-3 partitioned) weights and write them with save_pretrained,
         or hand them to `writer(state, out_dir)` on rank 0 (LoRA: adapters and merged model)."""
         model = self.module.model
-        if int(self.t.zero_stage) == 3:
+        if self.stage == 3:
             full = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
         else:
             full = self.module.state_dict()

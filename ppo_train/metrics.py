@@ -18,9 +18,10 @@ from ppo_train.dist import reduce
 class StepMetrics:
     """Sums of per-pair metrics and token counts of one optimizer step (this rank)."""
 
-    def __init__(self):
+    def __init__(self, utilization=None):
         self.sums: dict[str, float] = defaultdict(float)
         self.start = time.perf_counter()
+        self.utilization = utilization  # flops.Utilization: model FLOPs per batch and the peak
 
     def add_pairs(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
         self.sums["scored_pairs"] += int(loss.numel())
@@ -37,6 +38,8 @@ class StepMetrics:
             self.sums["samples"] += len(batch.example_ids)
         self.sums["tokens"] += batch.shape[0] * batch.shape[1]
         self.sums["real_tokens"] += batch.real_tokens
+        if self.utilization is not None:
+            self.sums["flops"] += self.utilization.counter.of_batch(batch)
 
     def reduce(self, dist) -> dict[str, float]:
         """The step's row: totals over ranks (every rank must call it, with the same keys)."""
@@ -56,6 +59,8 @@ class StepMetrics:
         row["samples_per_s"] = totals.get("samples", 0) / seconds
         row["tokens_per_s"] = totals.get("real_tokens", 0) / seconds
         row["step_seconds"] = seconds
+        if self.utilization is not None:
+            row.update(self.utilization.row(totals.get("flops", 0.0), seconds, dist.world_size))
         return row
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
+from torch.profiler import record_function
 
 from ppo_train import fileio
 from ppo_train.data.layout import Unit
@@ -174,6 +175,7 @@ def _table(cfg, engine, scorer: Scorer, dist: DistInfo, run_dir: Path, tokenizer
     return table
 
 
+@record_function("pptrain.reference")
 def build_references(cfg, engine, scorer: Scorer, data, dist: DistInfo, run_dir: Path, tokenizer):
     """(training reference, evaluation reference), each None for a reference-free loss."""
     from ppo_train.losses import LOSSES

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from ppo_train.data.collate import PackedBatch, collate
 from ppo_train.data.layout import Unit
@@ -49,13 +50,15 @@ class PolicyModule(torch.nn.Module):
     def forward(self, input_ids, position_ids, attention_mask, pred_index, target_ids, target_response,
                 num_responses: int) -> tuple[torch.Tensor, torch.Tensor]:
         body, head = decoder_and_head(self.model)
-        hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False).last_hidden_state
+        with record_function("pptrain.forward"):
+            hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                          use_cache=False).last_hidden_state
         # the same number of head calls on every rank (ZeRO-3 gathers the head at each call);
         # at least one, so an empty micro-batch keeps the head in the graph too
         own = max(1, -(-pred_index.numel() // self.logits_chunk))
         chunks = int(reduce(torch.tensor([own]), self.dist, "max").item())
-        lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk, chunks)
+        with record_function("pptrain.head"):
+            lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk, chunks)
         out = sum_per_response(lps, target_response, num_responses)
         if pred_index.numel() == 0:
             return out.sums + lps.sum().double(), out.counts  # lps holds the 0-valued head term
@@ -160,11 +163,13 @@ class Scorer:
         """The tensors of `mb` on the device; None gives an empty micro-batch (pad rows only)."""
         need = mb.row_length if mb is not None else 0
         length = next((n for n in self.lengths if n >= need), None)
-        return collate(self.units, mb, self.pad_id, self.pad_multiple, self.mask_documents,
-                       self.restart_positions, self.rows, length).to(self.device)
+        with record_function("pptrain.collate"):
+            return collate(self.units, mb, self.pad_id, self.pad_multiple, self.mask_documents,
+                           self.restart_positions, self.rows, length).to(self.device)
 
     def mask(self, batch: PackedBatch):
-        return build_mask(batch.doc_ids, batch.segment_ids, self.backend)
+        with record_function("pptrain.mask"):
+            return build_mask(batch.doc_ids, batch.segment_ids, self.backend)
 
     def __call__(self, module, mb: MicroBatch | None) -> Scored:
         batch = self.batch(mb)

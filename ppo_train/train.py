@@ -21,7 +21,8 @@ from ppo_train.errors import NonFiniteLoss
 from ppo_train.lora import lora_writer
 from ppo_train.losses import LOSSES
 from ppo_train.metrics import MetricsWriter, StepMetrics, summary_table
-from ppo_train.model import build_policy, load_tokenizer
+from ppo_train.flops import Utilization
+from ppo_train.model import build_policy, dtype_of, load_tokenizer
 from ppo_train.reference import build_references
 from ppo_train.scoring import Scorer
 from ppo_train.signals import StopRequest
@@ -55,10 +56,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     writer = MetricsWriter(run_dir, schedule.total_steps, dist.is_main, cfg.logging.progress,
                            _wandb_run(cfg, run_dir) if dist.is_main else None, resume_step=start)
 
+    live = cfg.reference.live and reference is not None
+    utilization = Utilization.measure(engine.module.model, loss.reward_head, live, dist.device, dtype_of(t.precision))
     stop, skipped, done, began = StopRequest(), 0, start or 0, time.perf_counter()
     engine.train()
     for step in schedule.steps(done):
-        tracker = StepMetrics()
+        tracker = StepMetrics(utilization)
         for mb in step.micro_batches:
             scored = scorer(engine, mb)
             ref = reference.scores(scored) if reference is not None else None

@@ -102,6 +102,7 @@ class Tally:
     total_tokens: int = 0
     mask_s: float = 0.0
     collate_s: float = 0.0
+    flops: float = 0.0  # model FLOPs the steps needed (ppo_train/flops.py)
     last_loss: float = float("nan")
 
 
@@ -131,6 +132,7 @@ def train_steps(ctx: dict, steps: list[list], tally: Tally) -> None:
             tally.micro_batches += 1
             tally.real_tokens += batch.real_tokens
             tally.total_tokens += batch.shape[0] * batch.shape[1]
+            tally.flops += ctx["flops"].of_batch(batch)
         torch.nn.utils.clip_grad_norm_(ctx["module"].parameters(), cfg.trainer.max_grad_norm)
         ctx["optimizer"].step()
         ctx["optimizer"].zero_grad(set_to_none=True)
@@ -143,8 +145,9 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     from ppo_train.data.layout import build_units
     from ppo_train.data.schedule import Schedule
     from ppo_train.dist import SINGLE, device_for
+    from ppo_train.flops import FlopCounter, ModelShape, calibrate_peak
     from ppo_train.losses import LOSSES
-    from ppo_train.model import build_policy, load_tokenizer
+    from ppo_train.model import build_policy, dtype_of, load_tokenizer
     from ppo_train.reference import compute_table
     from ppo_train.scoring import Scorer
     from ppo_train.stats import comparable_examples
@@ -171,7 +174,8 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     return {"cfg": cfg, "device": device, "backend": scorer.backend, "units": units, "plans": plans,
             "module": module, "optimizer": optimizer, "reference": reference, "loss": loss, "scorer": scorer,
             "reference_s": time.perf_counter() - start, "rss_before_model_mib": rss_before_model,
-            "params": sum(p.numel() for p in module.parameters())}
+            "params": sum(p.numel() for p in module.parameters()),
+            "flops": FlopCounter(ModelShape.of(module.model)), "peak": calibrate_peak(device, dtype_of(t.precision))}
 
 
 def run_point(overrides: list[str], layout: str, packer: str, opts: BenchOptions) -> dict:
@@ -199,7 +203,9 @@ def run_point(overrides: list[str], layout: str, packer: str, opts: BenchOptions
         "pairs": tally.pairs, "steps": tally.steps, "micro_batches": tally.micro_batches,
         "warmup_steps": warm.steps, "seconds": seconds, "samples_per_s": tally.units / seconds,
         "real_tokens": tally.real_tokens, "total_tokens": tally.total_tokens,
-        "real_tokens_per_s": tally.real_tokens / seconds,
+        "real_tokens_per_s": tally.real_tokens / seconds, "pairs_per_s": tally.pairs / seconds,
+        "flops_per_s": tally.flops / seconds, "mfu": tally.flops / seconds / ctx["peak"],
+        "peak_flops_per_s": ctx["peak"],
         "pad_fraction": 1.0 - tally.real_tokens / tally.total_tokens,
         "mask_s_per_step": tally.mask_s / tally.steps, "mask_fraction": tally.mask_s / seconds,
         "collate_s_per_step": tally.collate_s / tally.steps, "reference_s": ctx["reference_s"],
@@ -229,7 +235,7 @@ def worker(spec_path: str, out_path: str) -> None:
     if spec["kind"] == "trl":  # pragma: no cover - needs trl
         from bench_trl import trl_baseline
 
-        result = trl_baseline(spec["overrides"], opts)
+        result = trl_baseline(spec["overrides"], opts, spec["precompute"])
     else:
         result = run_point(spec["overrides"], spec["layout"], spec["packer"], opts)
     Path(out_path).write_text(json.dumps(result))
@@ -270,7 +276,7 @@ def run_grid(overrides: list[str], opts: BenchOptions, log=print) -> dict:
             "stats": stats, "points": points, "trl": _trl(overrides, opts)}
 
 
-def _trl(overrides: list[str], opts: BenchOptions) -> dict:
+def _trl(overrides: list[str], opts: BenchOptions, precompute: bool = True) -> dict:
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -278,9 +284,27 @@ def _trl(overrides: list[str], opts: BenchOptions) -> dict:
     if not opts.trl:
         return {"skipped": "disabled (--no-trl)"}
     try:  # pragma: no cover - trl is not installed where the tests run
-        return _in_subprocess({"kind": "trl", "overrides": overrides, "opts": asdict(opts)})
+        return _in_subprocess({"kind": "trl", "overrides": overrides, "opts": asdict(opts), "precompute": precompute})
     except Exception as err:  # noqa: BLE001 - a broken baseline must not lose the grid's results
         return {"error": str(err)[-2000:]}
+
+
+def vs_trl(overrides: list[str], opts: BenchOptions, steps: int, log=print) -> dict:
+    """pptrain at its defaults vs TRL's defaults and TRL's best setting (bench_trl.py)."""
+    from bench_trl import pptrain_default
+
+    log("bench: pptrain at its defaults ...")
+    ours = pptrain_default(overrides, steps)
+    log("bench: TRL DPOTrainer defaults ...")
+    default = _trl(overrides, opts, precompute=False)
+    log("bench: TRL DPOTrainer precompute_ref_log_probs=True ...")
+    best = _trl(overrides, opts, precompute=True)
+    for name, trl in (("trl_defaults", default), ("trl_precompute", best)):
+        if trl.get("pairs_per_s"):
+            ours[f"speedup_vs_{name}"] = ours["pairs_per_s"] / trl["pairs_per_s"]
+            ours[f"rss_vs_{name}"] = ours["peak_rss_mib"] / trl["peak_rss_mib"]
+    return {"overrides": overrides, "torch": torch.__version__, "pptrain": ours, "trl_defaults": default,
+            "trl_precompute": best}
 
 
 def _merge_overrides(defaults: list[str], user: list[str]) -> list[str]:
@@ -304,6 +328,9 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--big", action="store_true", help="a ~50M-parameter Llama (hidden 512, 8 layers), fewer rows")
     ap.add_argument("--in-process", action="store_true", help="no subprocess per point (peak memory then shared)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline even when trl is installed")
+    ap.add_argument("--vs-trl", action="store_true",
+                    help="instead of the grid: the real pptrain at its defaults vs TRL's DPOTrainer (defaults, precompute)")
+    ap.add_argument("--steps", type=int, default=8, help="--vs-trl: pptrain optimizer steps (the first is warm-up)")
     return ap.parse_args(argv)
 
 
@@ -318,10 +345,16 @@ def main(argv: list[str] | None = None) -> dict:
                         subprocess=not args.in_process,
                         trl=not args.no_trl)
     start = time.perf_counter()
+    from bench_report import write_outputs, write_vs_trl
+
+    if args.vs_trl:
+        result = vs_trl(overrides, opts, args.steps)
+        result["wall_s"] = time.perf_counter() - start
+        paths = write_vs_trl(result, Path(args.out))
+        print(Path(paths["markdown"]).read_text())
+        return result
     result = run_grid(overrides, opts)
     result["wall_s"] = time.perf_counter() - start
-    from bench_report import write_outputs
-
     paths = write_outputs(result, Path(args.out))
     print(Path(paths["markdown"]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -25,19 +25,20 @@ def markdown(result: dict) -> str:
              f"{st['response_tokens']['median']:.0f}; ideal prefix-sharing speedup {st['ideal_speedup']:.3f}x",
              f"- speedup = samples/s over paired+none; ideal (padded) = padded tokens of paired+none / padded "
              f"tokens of the point; peak memory: {head.get('peak_memory_scope', '?')}", ""]
-    cols = ["config", "samples/s", "real tok/s", "pad %", "peak MiB", "mask ms/step", "steps", "speedup",
+    cols = ["config", "samples/s", "real tok/s", "MFU", "pad %", "peak MiB", "mask ms/step", "steps", "speedup",
             "ideal (padded)", "ideal (prefix)", "achieved/ideal", "new graphs"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for p in pts:
         cells = [f"{p['layout']}+{p['packer']}", _fmt(p["samples_per_s"]), _fmt(p["real_tokens_per_s"], ".0f"),
+                 _fmt(p.get("mfu"), ".1%"),
                  _fmt(100 * p["pad_fraction"], ".1f"), _fmt(p["peak_memory_mib"], ".0f"),
                  _fmt(1000 * p["mask_s_per_step"], ".1f"), str(p["steps"]), _fmt(p["speedup"], ".2f", "x"),
                  _fmt(p["ideal_padded"], ".2f", "x"), _fmt(p["ideal_prefix"], ".2f", "x"),
                  _fmt(p.get("efficiency"), ".0%"), str(p["compiled_graphs_after_warmup"])]
         lines.append("| " + " | ".join(cells) + " |")
     trl = result["trl"]
-    lines += ["", f"TRL DPOTrainer baseline: {trl.get('skipped') or trl.get('error') or _fmt(trl.get('samples_per_s'))}"
-              + ("" if trl.get("skipped") or trl.get("error") else " samples/s")]
+    lines += ["", f"TRL DPOTrainer baseline: {trl.get('skipped') or trl.get('error') or _fmt(trl.get('pairs_per_s'))}"
+              + ("" if trl.get("skipped") or trl.get("error") else " pairs/s")]
     busy = [p for p in pts if (p.get("other_cpu_share") or 0) > 0.05]
     if busy:
         lines.append("WARNING: other processes used the CPU during " + ", ".join(
@@ -80,4 +81,29 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, str]:
     png = plot(result, out_dir / "bench.png")
     if png is not None:
         paths["plot"] = png
+    return {k: str(v) for k, v in paths.items()}
+
+
+def write_vs_trl(result: dict, out_dir: Path) -> dict[str, str]:
+    """vs_trl.json and vs_trl.md: pairs/s, MFU and peak RSS of pptrain and the two TRL runs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ours = result["pptrain"]
+    lines = [f"# pptrain at its defaults vs TRL DPOTrainer (torch {result['torch']})", "",
+             f"- overrides: `{' '.join(result['overrides'])}`", "",
+             "| run | pairs/s | MFU | peak RSS MiB | pptrain speedup | pptrain RSS ratio |", "|---|---|---|---|---|---|",
+             f"| pptrain (defaults) | {_fmt(ours['pairs_per_s'])} | {_fmt(ours.get('mfu'), '.1%')} | "
+             f"{_fmt(ours['peak_rss_mib'], '.0f')} | | |"]
+    for name, label in (("trl_defaults", "TRL defaults"), ("trl_precompute", "TRL precompute_ref_log_probs")):
+        trl = result[name]
+        if trl.get("pairs_per_s") is None:
+            lines.append(f"| {label} | {trl.get('skipped') or trl.get('error', '?')[:200]} | | | | |")
+            continue
+        lines.append(f"| {label} | {_fmt(trl['pairs_per_s'])} | {_fmt(trl.get('mfu'), '.1%')} | "
+                     f"{_fmt(trl['peak_rss_mib'], '.0f')} | {_fmt(ours.get('speedup_vs_' + name), '.2f', 'x')} | "
+                     f"{_fmt(ours.get('rss_vs_' + name), '.2f', 'x')} |")
+    if "wall_s" in result:
+        lines.append(f"\nBenchmark wall time: {result['wall_s']:.0f} s")
+    paths = {"json": out_dir / "vs_trl.json", "markdown": out_dir / "vs_trl.md"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["markdown"].write_text("\n".join(lines) + "\n")
     return {k: str(v) for k, v in paths.items()}

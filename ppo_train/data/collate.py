@@ -32,6 +32,7 @@ class PackedBatch:
     pairs: torch.Tensor  # (P, 2) preferred, dispreferred response indices
     real_tokens: int
     example_ids: list[int]  # uids of the units, for error messages
+    visible_pairs: int = 0  # (query, key) pairs the mask lets attend among real tokens (FLOP counts)
 
     @property
     def num_responses(self) -> int:
@@ -75,11 +76,13 @@ def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length:
         count += units[u].num_responses
     last = np.zeros(count, dtype=np.int64)
     preds, targets, owners = [], [], []
+    visible = 0
     for r, row in enumerate(rows):
         col, next_doc = 0, 0
         for piece in row:
             unit = units[piece.unit]
             n = piece.hi - piece.lo
+            visible += unit.visible_pairs(piece.lo, piece.hi) if mask_documents else 0
             if col + n > length:
                 raise ValueError(f"row {r} overflows its length {length}")
             sl = slice(col, col + n)
@@ -101,6 +104,7 @@ def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length:
                 last[g] = offset + start + size - 1
             col += n
         doc[r, col:] = next_doc  # padding: its own document, causal inside, never fully masked
+        visible += 0 if mask_documents else col * (col + 1) // 2  # causal over the whole row
         if not mask_documents:
             doc[r, :col], seg[r, :col] = 0, 0
             if not restart_positions:
@@ -117,5 +121,5 @@ def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length:
         response_unit=torch.tensor(resp_unit, dtype=torch.long), response_k=torch.tensor(resp_k, dtype=torch.long),
         pairs=torch.from_numpy(np.concatenate(pairs)) if pairs else torch.zeros((0, 2), dtype=torch.long),
         real_tokens=mb.real_tokens if mb is not None else 0,
-        example_ids=[units[u].uid for u in members],
+        example_ids=[units[u].uid for u in members], visible_pairs=visible,
     )

@@ -41,6 +41,20 @@ class Unit:
     def num_responses(self) -> int:
         return int(self.resp_len.shape[0])
 
+    def visible_pairs(self, lo: int = 0, hi: int | None = None) -> int:
+        """(query, key) pairs the exact mask lets attend within tokens [lo, hi) (whole documents):
+        per document, the prompt causally, and each response the prompt and itself causally."""
+        hi = self.length if hi is None else hi
+        total = 0
+        for d_lo, d_hi in self.doc_bounds:
+            if d_lo < lo or d_hi > hi:
+                continue
+            inside = (self.resp_start >= d_lo) & (self.resp_start < d_hi)
+            responses = self.resp_len[inside].astype(np.int64)
+            p = (d_hi - d_lo) - int(responses.sum())
+            total += p * (p + 1) // 2 + int((responses * p + responses * (responses + 1) // 2).sum())
+        return total
+
 
 def build_unit(ex: TokenizedExample, uid: int, layout: str) -> Unit:
     p = len(ex.prompt_ids)

@@ -7,9 +7,11 @@ with more than two responses per prompt) cannot be placed: it is dropped and cou
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
+from torch.profiler import record_function
 from omegaconf import DictConfig
 
 from ppo_train.data.layout import Unit, build_units
@@ -57,13 +59,22 @@ class PreparedData:
 
 
 def _fits(units: list[Unit], examples: list[TokenizedExample], cfg: DictConfig):
+    """Under ffd, the units that fit one row of packing.row_tokens (the budget is checked
+    against the real units, not against the length limits); the others are dropped, counted
+    and, with the longest of them, reported on stderr."""
     if cfg.packing.name != "ffd":
         return units, examples, 0
     keep = [i for i, u in enumerate(units) if u.length <= cfg.packing.row_tokens]
+    if len(keep) < len(units):
+        longest = max(u.length for u in units)
+        print(f"pptrain: warning: {len(units) - len(keep)} of {len(units)} units are longer than packing.row_tokens="
+              f"{cfg.packing.row_tokens} (the longest has {longest} tokens) and are dropped; raise the row budget or "
+              "lower dataset.max_prompt_length / max_response_length to keep them", file=sys.stderr)
     examples = [examples[i] for i in keep]
     return build_units(examples, cfg.layout.name), examples, len(units) - len(keep)
 
 
+@record_function("pptrain.prepare")
 def prepare(cfg: DictConfig, tokenizer) -> PreparedData:
     d = cfg.dataset
     examples, load_report = load_examples(d)

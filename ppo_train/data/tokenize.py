@@ -102,7 +102,8 @@ def _texts(example: PreferenceExample):
 
 def special_token_problem(example: PreferenceExample, specials: list[str]) -> str | None:
     for name, text in _texts(example):
-        hit = next((s for s in specials if s in text), None)
+        found = [(text.find(s), s) for s in specials if s in text]
+        hit = min(found)[1] if found else None  # the first one in the text
         if hit is not None:
             return (f"{name}: holds the tokenizer's special token {hit!r}, which would be encoded as a control token "
                     "(a turn boundary, a role) instead of text")

@@ -68,10 +68,20 @@ def test_a_loss_takes_only_its_own_parameters():
                for p in preflight(["loss.gamma=0.5"]))
 
 
-def test_row_budget_shorter_than_longest_unit_is_rejected():
-    cfg = compose(["packing.row_tokens=256", "dataset.max_prompt_length=200", "dataset.max_response_length=100"])
-    with pytest.raises(ConfigError, match="shorter than the longest allowed unit"):
-        validate(cfg)
+def test_row_budget_is_checked_against_the_real_units(capsys):
+    """Length limits that would allow a unit longer than the row are fine when the data has
+    none that long; units that are longer are dropped, counted and named on stderr."""
+    from ppo_train.data.pipeline import prepare
+    from ppo_train.model import load_tokenizer
+
+    cfg = compose(["packing.row_tokens=256", "dataset.max_prompt_length=200", "dataset.max_response_length=100",
+                   "dataset.num_rows=40", "run_name=t"])
+    validate(cfg)  # no longer refused from the limits alone
+    data = prepare(cfg, load_tokenizer(cfg.model))
+    assert data.dropped_over_row_budget > 0 and all(u.length <= 256 for u in data.units)
+    assert data.report()["dropped_over_row_budget"] == data.dropped_over_row_budget
+    err = capsys.readouterr().err
+    assert f"{data.dropped_over_row_budget} of " in err and "longer than packing.row_tokens=256" in err, err
 
 
 def test_missing_local_dataset_file_is_named():
