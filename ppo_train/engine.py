@@ -83,8 +83,9 @@ class Engine:
                 "lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay}}
             optimizer = None
         else:
+            # the fused kernel (CPU and CUDA): one pass over each parameter instead of a dozen
             optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                          weight_decay=t.weight_decay)
+                                          weight_decay=t.weight_decay, fused=dist.device.type in ("cpu", "cuda"))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, model_parameters=params if optimizer is None else None, optimizer=optimizer,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),

@@ -45,8 +45,9 @@ class ModelShape:
         config = model.config
         body = getattr(model, model.base_model_prefix)
         embedding = model.get_input_embeddings().weight
+        # under ZeRO-3 a parameter is an empty placeholder: its real shape is ds_shape
         elements = sum(getattr(p, "ds_numel", p.numel()) for p in body.parameters()
-                       if p.dim() == 2 and p is not embedding)
+                       if len(getattr(p, "ds_shape", p.shape)) == 2 and p is not embedding)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(elements, config.hidden_size, config.vocab_size, config.num_hidden_layers, heads * head_dim, reward)

@@ -32,7 +32,8 @@ def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Mod
 
 
 def token_logps(hidden: torch.Tensor, pred_index: torch.Tensor, targets: torch.Tensor,
-                head: torch.nn.Module, chunk: int = 1024, num_chunks: int | None = None) -> torch.Tensor:
+                head: torch.nn.Module, chunk: int = 1024, num_chunks: int | None = None,
+                recompute: bool = True) -> torch.Tensor:
     """hidden (B, L, H), pred_index (T,) flat positions, targets (T,) -> (T,) fp32 log-probs
     (log-softmax in fp32 whatever the model dtype).
 
@@ -50,7 +51,7 @@ def token_logps(hidden: torch.Tensor, pred_index: torch.Tensor, targets: torch.T
             h, t = flat.index_select(0, pred_index[i * chunk:(i + 1) * chunk]), targets[i * chunk:(i + 1) * chunk]
         else:
             h, t = flat[:1], targets.new_zeros(1)
-        out = checkpoint(_token_logps, h, t, head, use_reentrant=False) if torch.is_grad_enabled() \
+        out = checkpoint(_token_logps, h, t, head, use_reentrant=False) if recompute and torch.is_grad_enabled() \
             else _token_logps(h, t, head)
         if i < own:
             parts.append(out)

@@ -244,4 +244,6 @@ def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) ->
     if cfg.trainer.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return RewardModule(model) if reward else PolicyModule(model, cfg.model.logits_chunk, dist)
+    recompute = cfg.model.logits_recompute
+    recompute = dist.device.type == "cuda" if recompute is None else recompute
+    return RewardModule(model) if reward else PolicyModule(model, cfg.model.logits_chunk, dist, recompute)

@@ -41,11 +41,13 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 class PolicyModule(torch.nn.Module):
     """Wraps a causal LM: forward(batch tensors, mask) -> per-response log-prob sums and counts."""
 
-    def __init__(self, model: torch.nn.Module, logits_chunk: int = 1024, dist: DistInfo = SINGLE):
+    def __init__(self, model: torch.nn.Module, logits_chunk: int = 1024, dist: DistInfo = SINGLE,
+                 recompute: bool = True):
         super().__init__()
         self.model = model
         self.logits_chunk = logits_chunk
         self.dist = dist
+        self.recompute = recompute
 
     def forward(self, input_ids, position_ids, attention_mask, pred_index, target_ids, target_response,
                 num_responses: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +60,7 @@ class PolicyModule(torch.nn.Module):
         own = max(1, -(-pred_index.numel() // self.logits_chunk))
         chunks = int(reduce(torch.tensor([own]), self.dist, "max").item())
         with record_function("pptrain.head"):
-            lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk, chunks)
+            lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk, chunks, self.recompute)
         out = sum_per_response(lps, target_response, num_responses)
         if pred_index.numel() == 0:
             return out.sums + lps.sum().double(), out.counts  # lps holds the 0-valued head term

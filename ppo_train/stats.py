@@ -34,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ppo_train import fileio
 from ppo_train.data.layout import build_units
-from ppo_train.data.packing import plan_epoch
+from ppo_train.data.packing import plan_epoch, resolve_budget
+from ppo_train.dist import device_for
 from ppo_train.data.pipeline import PreparedData, prepare
 from ppo_train.data.tokenize import TokenizedExample
 
@@ -53,6 +54,11 @@ def comparable_examples(cfg: DictConfig, tokenizer) -> tuple[list[TokenizedExamp
     the common filter is then the paired length (the longer one) against packing.row_tokens."""
     plain = OmegaConf.merge(cfg, {"packing": {"name": "none"}})
     data = prepare(plain, tokenizer)
+    # an auto budget is resolved from the paired units (the longer layout), so every cell fits
+    # them; also for none/sorted, whose grid rows plan ffd cells with it
+    budget = OmegaConf.merge(cfg.packing, {"name": "ffd"})
+    resolve_budget(budget, [ex.paired_length for ex in data.examples], device_for(cfg.trainer.device).type)
+    cfg.packing.row_tokens, cfg.packing.rows_per_batch = budget.row_tokens, budget.rows_per_batch
     kept = [ex for ex in data.examples if ex.paired_length <= cfg.packing.row_tokens]
     return kept, data, len(data.examples) - len(kept)
 

@@ -34,16 +34,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     dist = init_distributed(t.device)
     seed_everything(t.seed)
     resuming = checkpoint.will_resume(run_dir, t.resume)  # every rank: a refusal stops them all
-    if dist.is_main:  # a resumed run keeps the config.yaml of the run it continues
-        fileio.write_text(run_dir / ("config.resumed.yaml" if resuming else "config.yaml"),
-                          OmegaConf.to_yaml(cfg, resolve=True))
 
     # data: rows -> units -> the step plan (deterministic, identical on every rank)
     tokenizer = load_tokenizer(cfg.model, reward=loss.reward_head)
-    data = prepare(cfg, tokenizer)
+    data = prepare(cfg, tokenizer)  # also resolves an auto ffd budget in cfg.packing
     plan = checkpoint.plan_identity(cfg, data.units, dist)  # what a resume must not change
     checkpoint.check_plan(run_dir, t.resume, plan)
-    if dist.is_main:  # written before training, so a run that stops early still has it
+    if dist.is_main:  # before training, so a run that stops early has them; a resumed run keeps its config.yaml
+        fileio.write_text(run_dir / ("config.resumed.yaml" if resuming else "config.yaml"),
+                          OmegaConf.to_yaml(cfg, resolve=True))
         fileio.write_text(run_dir / "data_report.json",
                           json.dumps({**data.report(), "skipped_rows": data.skipped_rows()}, indent=2))
     schedule = Schedule.from_config(cfg, data.units, dist)

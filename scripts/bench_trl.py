@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -92,7 +93,10 @@ def trl_baseline(overrides: list[str], opts: BenchOptions, precompute: bool) -> 
     counter = FlopCounter(ModelShape.of(model), passes=3.0 if precompute else 4.0)  # + the reference forward
     per_pair = sum(counter.shape.forward_flops(u.length, u.visible_pairs(), int(u.resp_len.sum()), u.num_responses)
                    for u in units) * counter.passes / len(rows)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+    # TRL's default reference is a second copy of the initial policy (it loads one from the model's
+    # name; a random-weight model has none, so it is handed the copy); precompute drops it
+    ref_model = None if precompute else copy.deepcopy(model).eval()
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok, callbacks=[Clock()])
     trainer.train()
     first, last = marks.get(opts.warmup_steps), marks[max(marks)]

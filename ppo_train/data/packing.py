@@ -86,6 +86,36 @@ def first_fit_decreasing(lengths: list[int], capacity: int, order: np.ndarray) -
     return bins
 
 
+# The ffd budget chosen when packing.row_tokens / rows_per_batch are null (auto). Measured on 2 CPU
+# cores (52M Llama, 49k vocabulary, 48 HH-RLHF pairs, the real trainer, head recomputed): rows of
+# 512 tokens were at least as fast as longer ones at equal tokens per micro-batch (512 x 2: 2.80
+# pairs/s, 1024 x 1: 2.69; 512 x 4: 3.24, 1024 x 2: 3.16, 2048 x 1: 2.53), and throughput rose
+# with tokens per micro-batch (512 x 1: 2.07, x 2: 2.80, x 4: 3.24, x 6: 3.88, x 8: 3.80; peak RSS
+# 1.9 -> 4.2 GiB); without the head's recomputation (the CPU default) 512 x 4: 3.87, x 8: 4.32.
+# 4096 tokens per micro-batch is the knee. On a GPU (not measured here) FlexAttention skips masked
+# blocks, so attention costs the visible pairs, not L^2: longer rows pack tighter at no attention
+# cost, and 8192 tokens per micro-batch is what a 7-8B model with gradient checkpointing holds on
+# an 80 GB device.
+MIN_ROW_TOKENS = 512
+AUTO_TOKENS_PER_MICRO_BATCH = {"cpu": 4096, "cuda": 8192}
+
+
+def resolve_budget(packing, lengths: list[int], device_type: str) -> list[str]:
+    """Fill packing.row_tokens / rows_per_batch left null (auto) from the units' lengths, in
+    place; returns what was chosen (for a log line)."""
+    chosen = []
+    if packing.name != "ffd":
+        return chosen
+    if packing.row_tokens is None:
+        packing.row_tokens = max(MIN_ROW_TOKENS, round_up(max(lengths, default=1), packing.pad_multiple))
+        chosen.append(f"packing.row_tokens={packing.row_tokens} (longest unit {max(lengths, default=0)} tokens)")
+    if packing.rows_per_batch is None:
+        target = AUTO_TOKENS_PER_MICRO_BATCH.get(device_type, AUTO_TOKENS_PER_MICRO_BATCH["cpu"])
+        packing.rows_per_batch = max(1, target // packing.row_tokens)
+        chosen.append(f"packing.rows_per_batch={packing.rows_per_batch}")
+    return chosen
+
+
 def plan_epoch(units: list[Unit], packing, micro_batch_size: int, seed: int, epoch: int) -> list[MicroBatch]:
     """All micro-batches of one epoch, in the order they are trained."""
     n = len(units)

@@ -15,6 +15,8 @@ from torch.profiler import record_function
 from omegaconf import DictConfig
 
 from ppo_train.data.layout import Unit, build_units
+from ppo_train.data.packing import resolve_budget
+from ppo_train.dist import device_for
 from ppo_train.data.sources import DataError, LoadReport, load_examples
 from ppo_train.data.tokenize import TokenizedExample, TokenizeReport, tokenize_examples
 
@@ -76,6 +78,8 @@ def _fits(units: list[Unit], examples: list[TokenizedExample], cfg: DictConfig):
 
 @record_function("pptrain.prepare")
 def prepare(cfg: DictConfig, tokenizer) -> PreparedData:
+    """Load, tokenize, split and lay out the data. A null ffd budget (auto) is resolved here, in
+    `cfg.packing`, from the real units."""
     d = cfg.dataset
     examples, load_report = load_examples(d)
     tokenized, tokenize_report = tokenize_examples(examples, tokenizer, d)
@@ -91,8 +95,12 @@ def prepare(cfg: DictConfig, tokenizer) -> PreparedData:
         held = set(order[:n_eval].tolist())
         eval_tokenized = [ex for i, ex in enumerate(tokenized) if i in held]
         tokenized = [ex for i, ex in enumerate(tokenized) if i not in held]
-    units, tokenized, dropped = _fits(build_units(tokenized, cfg.layout.name), tokenized, cfg)
-    eval_units, eval_tokenized, eval_dropped = _fits(build_units(eval_tokenized, cfg.layout.name), eval_tokenized, cfg)
+    units, eval_units = build_units(tokenized, cfg.layout.name), build_units(eval_tokenized, cfg.layout.name)
+    chosen = resolve_budget(cfg.packing, [u.length for u in units + eval_units], device_for(cfg.trainer.device).type)
+    if chosen:
+        print(f"pptrain: packing=ffd, auto budget: {', '.join(chosen)}", file=sys.stderr)
+    units, tokenized, dropped = _fits(units, tokenized, cfg)
+    eval_units, eval_tokenized, eval_dropped = _fits(eval_units, eval_tokenized, cfg)
     if not units:
         raise DataError(f"{d.path}: no training examples left ({dropped} longer than packing.row_tokens="
                         f"{cfg.packing.row_tokens}); raise the row budget or lower the length limits")

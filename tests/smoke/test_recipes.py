@@ -57,8 +57,14 @@ def test_command_line_group_override_wins_over_recipe():
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_two_steps_with_a_tiny_model(recipe, tmp_path):
-    rows = run_pptrain(tmp_path / "run", f"recipe={recipe}", *offline_overrides(recipe), "trainer.max_steps=2",
-                       "trainer.grad_accum=1")
+    """In this process (the command line's own path is the subject of other tests): compose,
+    validate, train two steps, export."""
+    from ppo_train.train import train
+
+    cfg = compose([f"recipe={recipe}", *offline_overrides(recipe), "trainer.max_steps=2", "trainer.grad_accum=1",
+                   "logging.progress=false", f"run_name={recipe}"])
+    validate(cfg)
+    rows = train(cfg, tmp_path / "run")
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["pairs"] > 0 and r["loss"] == r["loss"] for r in steps)
@@ -76,12 +82,13 @@ def test_recipe_runs_two_steps_with_a_tiny_model(recipe, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
 
 
-# Recorded on one x86 CPU. Other x86 CPUs round differently (their kernels reduce in other
-# orders): on two of them the values moved by up to 4e-8 at step 2 and 2.1e-7 at step 4 (loss
-# 0.66853061 vs 0.66853071, margins 0.05815015 vs 0.05814994). The tolerance is about 5x that
-# drift and far below what a change of the math does to these numbers (a wrong label shift or
-# pair normalization moves the step-2 loss by more than 1e-3). Two runs on one machine still
-# agree bit for bit (the resume and 2-rank tests compare with ==).
+# Recorded on one x86 CPU with the defaults of the default job (ZeRO stage auto = 0, the auto ffd
+# budget: rows of 512 tokens, 8 per micro-batch, fused AdamW). Other x86 CPUs round differently
+# (their kernels reduce in other orders): for the previous recording the values moved by up to
+# 4e-8 at step 2 and 2.1e-7 at step 4 between two machines. The tolerance is about 5x that drift
+# and far below what a change of the math does to these numbers (a wrong label shift or pair
+# normalization moves the step-2 loss by more than 1e-3). Two runs on one machine still agree
+# bit for bit (the resume and 2-rank tests compare with ==).
 GOLDEN_ABS, GOLDEN_REL = 1e-6, 1e-5
 
 

@@ -28,6 +28,8 @@ from ppo_train.runlock import RunDirectoryBusy, RunLock
 from tests.conftest import child_env, tiny_model
 from tests.unit.test_data import dcfg, write_jsonl
 
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
 
 # --- the run directory: what defines the run, readable with paths --------------------------
 
@@ -166,11 +168,14 @@ def test_a_folder_given_as_the_data_file(tmp_path):
         load_examples(dcfg(tmp_path))
 
 
-def test_an_unknown_hub_dataset_while_offline(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match=r"dataset.path='nobody/no-such-dataset': not a local file and not a hub"):
-        load_examples(dcfg("nobody/no-such-dataset"))
+def test_an_unknown_hub_dataset_while_offline(tmp_path):
+    """In a fresh process: `datasets` reads its offline switch when it is imported."""
+    code = ("from tests.unit.test_data import dcfg\nfrom ppo_train.data.sources import load_examples\n"
+            "load_examples(dcfg('nobody/no-such-dataset'))\n")
+    env = {**child_env(), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert "DataError: dataset.path='nobody/no-such-dataset': not a local file and not a hub dataset" in out.stderr, (
+        out.stderr[-3000:])
 
 
 # --- models and settings ---------------------------------------------------------------------
@@ -229,3 +234,19 @@ def test_nonfinite_gradients_from_a_finite_loss_never_reach_the_weights(policy):
     assert engine.step() is False and torch.equal(weight.detach(), before)
     engine.backward(weight.sum())  # the next update is an ordinary one, with finite moments
     assert engine.step() is True and torch.isfinite(weight).all() and not torch.equal(weight.detach(), before)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["hydra.run.dir={tmp}/a_file/run"], "a_file is a file, so the run directory cannot be created there"),
+    (["dataset.path=${{asset:../../../etc/hostname}}"], "leaves the package's assets folder"),
+    (["model.attention=flex", "trainer.device=cpu"], "model.attention=flex: FlexAttention has no backward on the CPU"),
+    pytest.param(["trainer.device=cuda"], "trainer.device=cuda: no CUDA device is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible here")),
+])
+def test_command_line_errors_are_one_line(tmp_path, args, needle):
+    (tmp_path / "a_file").write_text("")
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = subprocess.run([sys.executable, "-m", "ppo_train", "logging.progress=false", *args], cwd=tmp_path,
+                         env=child_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert needle in out.stderr and out.stderr.strip().count("\n") <= 3, out.stderr[-3000:]

@@ -28,10 +28,10 @@ def packing(name: str):
 
 
 def examples():
-    """60 prompts, K = 2..4 responses, prompt 3..300 tokens: many distinct batch shapes."""
+    """36 prompts, K = 2..4 responses, prompt 3..300 tokens: many distinct batch shapes."""
     out = []
     for k in (2, 3, 4):
-        out += random_examples(20, k, seed=k, prompt=(3, 300), response=(1, 60))
+        out += random_examples(12, k, seed=k, prompt=(3, 300), response=(1, 60))
     for i, ex in enumerate(out):
         ex.index = i
     return out
