@@ -78,7 +78,8 @@ def run_dir_problem(run_dir: str) -> str | None:
 def preflight(args: list[str]) -> list[str]:
     """Before Hydra composes: unknown keys, groups and options, wrong types (each with the
     nearest valid name), and, when there are any, the value problems of the config that the
-    remaining overrides compose, so that one message lists everything (sweeps: first values)."""
+    remaining overrides compose, so that one message lists everything (sweeps: first values).
+    Without problems (and outside a sweep), a run directory that cannot be created."""
     from hydra.errors import HydraException
 
     from ppo_train.config_check import command_line_problems, config_dirs_of
@@ -94,7 +95,10 @@ def preflight(args: list[str]) -> list[str]:
                          for a in args):
                 problems += [p for p in [run_dir_problem(str(cfg.hydra.run.dir))] if p]
         except (HydraException, ValueError, OmegaConfBaseException) as err:  # Hydra or a resolver says why
-            problems.append(str(err.__cause__ or err).splitlines()[0])
+            cause = err  # a resolver's own ConfigError, wrapped by OmegaConf and Hydra
+            while not isinstance(cause, ConfigError) and (cause.__cause__ or cause.__context__) is not None:
+                cause = cause.__cause__ or cause.__context__
+            problems += cause.problems if isinstance(cause, ConfigError) else [str(err.__cause__ or err).splitlines()[0]]
     return problems
 
 
@@ -151,9 +155,10 @@ def main() -> None:
             run(cfg)
         except (PptrainError, OmegaConfBaseException) as err:  # the user's to fix: what and where
             if isinstance(err, OmegaConfBaseException):  # a resolver's own error (${asset:..} outside assets)
-                if not isinstance(err.__cause__, PptrainError):
+                cause = err.__cause__ or err.__context__
+                if not isinstance(cause, PptrainError):
                     raise
-                err = err.__cause__
+                err = cause
             world = int(os.environ.get("WORLD_SIZE", "1"))
             rank = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
             print(f"pptrain: {rank}{err}", file=sys.stderr)

@@ -46,19 +46,3 @@ def export_lora(state: dict, fresh_model, settings: DictConfig, out_dir: Path, t
         with fileio.staged(out_dir) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-
-
-def lora_writer(cfg: DictConfig, tokenizer):
-    """The `writer(state, out_dir)` that Engine.export calls on rank 0 for a LoRA run: a fresh
-    model (same config and seed) receives the gathered weights with its adapters."""
-    from ppo_train.losses import LOSSES
-    from ppo_train.model import dtype_of, load_causal_lm
-
-    reward = LOSSES[cfg.loss.name].reward_head
-
-    def write(state: dict, out_dir: Path) -> None:
-        fresh = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision), "sdpa", cfg.trainer.seed,
-                               reward=reward, pad_token_id=tokenizer.pad_token_id)
-        export_lora(state, fresh, cfg.model.lora, out_dir, tokenizer, reward=reward)
-
-    return write

@@ -20,6 +20,7 @@ from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, 
 
 from ppo_train.errors import ModelLoadError
 from ppo_train.fileio import is_local_path
+from ppo_train.lora import apply_lora, export_lora
 
 FLEX = "pptrain_flex"
 
@@ -236,8 +237,6 @@ def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) ->
                            pad_token_id=tokenizer.pad_token_id, longest_sequence=longest_sequence,
                            zero3=zero3_config(cfg.trainer, dist.world_size))
     if cfg.model.lora.enabled:
-        from ppo_train.lora import apply_lora
-
         peft_model, model = apply_lora(model, cfg.model.lora, reward=reward)
         if dist.is_main:
             peft_model.print_trainable_parameters()
@@ -247,3 +246,19 @@ def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) ->
     recompute = cfg.model.logits_recompute
     recompute = dist.device.type == "cuda" if recompute is None else recompute
     return RewardModule(model) if reward else PolicyModule(model, cfg.model.logits_chunk, dist, recompute)
+
+
+def lora_writer(cfg: DictConfig, tokenizer):
+    """The `writer(state, out_dir)` that Engine.export calls on rank 0 for a LoRA run: a fresh
+    model (same config and seed) receives the gathered weights with its adapters and is written
+    by lora.export_lora (adapters, and the merged model if asked)."""
+    from ppo_train.losses import LOSSES
+
+    reward = LOSSES[cfg.loss.name].reward_head
+
+    def write(state: dict, out_dir: Path) -> None:
+        fresh = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision), "sdpa", cfg.trainer.seed,
+                               reward=reward, pad_token_id=tokenizer.pad_token_id)
+        export_lora(state, fresh, cfg.model.lora, out_dir, tokenizer, reward=reward)
+
+    return write

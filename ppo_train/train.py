@@ -18,11 +18,10 @@ from ppo_train.data.schedule import Schedule, Step
 from ppo_train.dist import DistInfo, all_ranks, init_distributed
 from ppo_train.engine import Engine
 from ppo_train.errors import NonFiniteLoss
-from ppo_train.lora import lora_writer
 from ppo_train.losses import LOSSES
 from ppo_train.metrics import MetricsWriter, StepMetrics, summary_table
 from ppo_train.flops import Utilization
-from ppo_train.model import build_policy, dtype_of, load_tokenizer
+from ppo_train.model import build_policy, dtype_of, load_tokenizer, lora_writer
 from ppo_train.reference import build_references
 from ppo_train.scoring import Scorer
 from ppo_train.signals import StopRequest

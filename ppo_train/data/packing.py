@@ -130,6 +130,9 @@ def plan_epoch(units: list[Unit], packing, micro_batch_size: int, seed: int, epo
         groups = [groups[i] for i in rng.permutation(len(groups))]
         return _unpacked(units, groups, packing.pad_multiple)
     if packing.name == "ffd":
+        if packing.row_tokens is None or packing.rows_per_batch is None:
+            raise ValueError("packing.row_tokens / rows_per_batch are auto (null): resolve them from the units first "
+                             "(data.packing.resolve_budget, which prepare() calls)")
         bins = first_fit_decreasing([u.length for u in units], packing.row_tokens, order)
         bins = [bins[i] for i in rng.permutation(len(bins))]
         out = []

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ppo_train.choices import Choice
 from ppo_train.logps import ResponseLogps
-from ppo_train.losses.common import pair_metrics
+from ppo_train.losses.common import beta_and_smoothing_problems, pair_metrics
 
 
 class DpoVariant(Choice):
@@ -44,12 +44,8 @@ class DpoConfig:
     label_smoothing: float = 0.0  # robust only: the assumed rate of flipped labels
 
     def problems(self) -> list[str]:
-        out = []
-        if self.beta <= 0:
-            out.append(f"loss.beta={self.beta}: expected > 0")
-        if not 0 <= self.label_smoothing < 0.5:
-            out.append(f"loss.label_smoothing={self.label_smoothing}: expected 0 <= value < 0.5")
-        elif self.label_smoothing and self.variant != "robust":
+        out = beta_and_smoothing_problems(self.beta, self.label_smoothing)
+        if 0 < self.label_smoothing < 0.5 and self.variant != "robust":
             out.append(f"loss.label_smoothing={self.label_smoothing}: only used by loss.variant=robust")
         return out
 

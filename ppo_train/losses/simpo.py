@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ppo_train.logps import ResponseLogps
-from ppo_train.losses.common import pair_metrics
+from ppo_train.losses.common import beta_and_smoothing_problems, pair_metrics
 
 
 @dataclass
@@ -39,12 +39,7 @@ class SimpoConfig:
     label_smoothing: float = 0.0
 
     def problems(self) -> list[str]:
-        out = []
-        if self.beta <= 0:
-            out.append(f"loss.beta={self.beta}: expected > 0")
-        if not 0 <= self.label_smoothing < 0.5:
-            out.append(f"loss.label_smoothing={self.label_smoothing}: expected 0 <= value < 0.5")
-        return out
+        return beta_and_smoothing_problems(self.beta, self.label_smoothing)
 
 
 def simpo_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: torch.Tensor,

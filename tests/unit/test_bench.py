@@ -23,7 +23,7 @@ from bench_report import write_outputs  # noqa: E402
 SMALL = ["model=tiny", "model.from_config.hidden_size=32", "model.from_config.intermediate_size=64",
          "model.from_config.num_attention_heads=4", "model.from_config.num_key_value_heads=2",
          "dataset.num_rows=14", "dataset.max_prompt_length=64", "dataset.max_response_length=32",
-         "packing.row_tokens=512", "trainer.micro_batch_size=2"]
+         "packing.row_tokens=512", "packing.rows_per_batch=2", "trainer.micro_batch_size=2"]
 GRID = [("paired", "none"), ("shared", "ffd")]
 
 
