@@ -135,6 +135,14 @@ def _candidates(run_dir: Path, setting: str | None) -> list[Path]:
     return [path]
 
 
+def _refuse_another_plan(path: Path, meta: dict, identity: dict) -> None:
+    changes = plan_changes(meta["plan"], identity) if "plan" in meta else []
+    if changes:
+        raise ResumeError(f"trainer.resume: {path} was trained with another data plan, so step {meta['step']} would "
+                          f"continue on other examples: {'; '.join(changes)}. Resume with the settings it was saved "
+                          "with, or start a new run directory")
+
+
 def check_plan(run_dir: Path, setting: str | None, identity: dict) -> None:
     """Before the model loads: refuse to continue a checkpoint trained with another data plan
     (`plan_identity`), naming each change; resuming would continue on other examples."""
@@ -143,11 +151,7 @@ def check_plan(run_dir: Path, setting: str | None, identity: dict) -> None:
             meta = json.loads((path / "trainer.json").read_text())
         except (OSError, ValueError):
             continue  # damaged: resume() names it and falls back
-        changes = plan_changes(meta["plan"], identity) if "plan" in meta else []
-        if changes:
-            raise ResumeError(f"trainer.resume: {path} was trained with another data plan, so step {meta['step']} would "
-                              f"continue on other examples: {'; '.join(changes)}. Resume with the settings it was saved "
-                              "with, or start a new run directory")
+        _refuse_another_plan(path, meta, identity)
         return
 
 
@@ -167,11 +171,12 @@ def resume(engine, run_dir: Path, setting: str | None, identity: dict) -> int | 
     for path in candidates:
         problem = _unusable(path)
         if problem is None:
-            check_plan(run_dir, str(path), identity)
+            meta = json.loads((path / "trainer.json").read_text())  # readable: _unusable checked it
+            _refuse_another_plan(path, meta, identity)
             problem = _attempt_load(engine, path)
         problem = next((p for p in gather_objects(problem, dist) if p), None)  # every rank falls back together
         if problem is None:
-            step = json.loads((path / "trainer.json").read_text())["step"]
+            step = meta["step"]
             if dist.is_main:
                 for name, why in damaged:
                     print(f"pptrain: warning: skipped the damaged checkpoint {name}: {why}", file=sys.stderr)
@@ -295,8 +300,7 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def load(engine, path: Path) -> dict:
-    """Restore model, optimizer, scheduler and RNG; return trainer.json."""
+def load(engine, path: Path) -> None:
+    """Restore model, optimizer, scheduler and RNG (resume() has read trainer.json)."""
     engine.load_checkpoint(path / "ds")
     _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "trainer.json").read_text())

@@ -17,7 +17,3 @@ class Choice(str, Enum):
 
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [m.value for m in cls]

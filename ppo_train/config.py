@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from ppo_train.choices import Choice
+from ppo_train.errors import ConfigError
 from ppo_train.fileio import asset_path, is_local_path
 from ppo_train.losses import LOSSES
 
@@ -316,17 +317,13 @@ PATH_KEYS = ("dataset.path", "dataset.eval_path", "model.name_or_path", "model.t
              "reference.name_or_path", "trainer.resume")
 
 
-def loss_schema(cfg) -> type:
-    return LOSSES[cfg.loss.name].schema
-
-
 def section_problems(cfg) -> list[str]:
     """Each group's own checks (ranges, keys that only make sense together)."""
     out = [p for name, schema in SECTIONS.items() for p in schema.problems(cfg[name])]
     name = cfg.loss.get("name")
     if name not in LOSSES:
         return out + [f"loss.name={name!r}: expected one of {sorted(LOSSES)} (choose the loss with loss=NAME)"]
-    return out + loss_schema(cfg).problems(cfg.loss)
+    return out + LOSSES[name].schema.problems(cfg.loss)
 
 
 def cross_group_problems(cfg) -> list[str]:
@@ -359,13 +356,13 @@ def cross_group_problems(cfg) -> list[str]:
 def environment_problems(cfg) -> list[str]:
     """Settings this machine cannot run: a GPU that is not there, FlexAttention training on the
     CPU (it has no CPU backward in torch: the run would fail at the first backward)."""
-    import torch
+    from ppo_train.dist import device_for
 
     out = []
-    cuda = torch.cuda.is_available()
-    if cfg.trainer.device == "cuda" and not cuda:
-        out.append("trainer.device=cuda: no CUDA device is visible to this process; use trainer.device=cpu (or auto)")
-    on_cpu = cfg.trainer.device == "cpu" or not cuda
+    try:
+        on_cpu = device_for(cfg.trainer.device).type == "cpu"  # the one device rule
+    except ConfigError as err:  # trainer.device=cuda without a GPU: this machine has only the CPU
+        out, on_cpu = list(err.problems), True
     if cfg.mode == "train" and cfg.model.attention == "flex" and on_cpu:
         out.append("model.attention=flex: FlexAttention has no backward on the CPU, so training there fails at the "
                    "first step; use model.attention=sdpa (or auto, which picks sdpa on the CPU)")

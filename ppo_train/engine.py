@@ -133,8 +133,9 @@ class Engine:
     def _grads_finite(self) -> bool:
         if self.stage != 0:
             return True
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        return all(bool(torch.isfinite(g).all()) for g in grads)
+        # one device sync for the whole model, not one per parameter
+        flags = [torch.isfinite(p.grad).all() for p in self.module.parameters() if p.grad is not None]
+        return bool(torch.stack(flags).all()) if flags else True
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])

@@ -15,8 +15,8 @@ Counted as the work the model needs, not what the kernels did: no padding, no re
 The peak is measured at start-up (`calibrate_peak`): the best of a few large GEMMs in the
 training dtype on the training device, with this process's threads. On the CPU that is the
 honest ceiling of what PyTorch's kernels reach here (no vendor sheet applies to a shared VM);
-on CUDA it is typically 70-90% of the datasheet's dense number, which `KNOWN_PEAKS` gives for
-comparison.
+on CUDA it is typically 70-90% of the datasheet's dense number, so MFU reads higher than against
+the datasheet.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-# dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s), for the record
-KNOWN_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ def load_tokenizer(cfg: DictConfig, reward: bool = False):
     """The tokenizer of `model.tokenizer` (default `model.name_or_path`). Padding is masked out
     and never scored, so a missing pad token becomes EOS; for a reward model (`reward=True`)
     the pad token must not be EOS, because the exported classifier pools at the last non-pad
-    token: EOS-as-pad is replaced by UNK or BOS."""
+    token: EOS-as-pad becomes UNK or BOS when either differs from EOS, else a new pad token is
+    added (load_causal_lm grows the embeddings to the tokenizer's length)."""
     source = cfg.tokenizer or cfg.name_or_path
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -122,11 +123,10 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
                 name_or_path, gguf_file=gguf_file, revision=cfg.revision, dtype=dtype, attn_implementation=impl,
                 trust_remote_code=cfg.trust_remote_code, use_safetensors=None if gguf_file else True,
                 output_loading_info=True, **extra)
+            if vocab_size > model.get_input_embeddings().num_embeddings:  # a pad token was added (reward models)
+                model.resize_token_embeddings(vocab_size)
     except (OSError, ValueError) as err:  # no weights, an unknown model type, remote code refused
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {err}") from err
-    if vocab_size > model.get_input_embeddings().num_embeddings:  # a pad token was added (reward models)
-        with _partitioned(zero3 if not gguf_file else None):
-            model.resize_token_embeddings(vocab_size)
     missing = [k for k in info.get("missing_keys", []) if not (reward and k.startswith("score."))]
     if missing and not cfg.allow_missing_weights:
         raise ModelLoadError(

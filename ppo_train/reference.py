@@ -143,29 +143,20 @@ def reference_module(cfg, tokenizer, dist: DistInfo, longest_sequence: int = 0):
     return PolicyModule(model, cfg.model.logits_chunk, dist)
 
 
-def _table(cfg, engine, scorer: Scorer, dist: DistInfo, run_dir: Path, tokenizer, split: str,
-           longest: int) -> ReferenceTable:
-    """The table of one split, computed once before training (or found in the run directory)."""
-    from ppo_train.model import weights_identity
-
-    # what the weights are, not only where: the files of a local folder, the hub commit
-    source = cfg.reference.name_or_path or cfg.model.name_or_path
-    revision = cfg.model.revision if cfg.reference.name_or_path is None else None
+def _table(cfg, reference_model, scorer: Scorer, dist: DistInfo, run_dir: Path, split: str,
+           weights: dict) -> ReferenceTable:
+    """The table of one split, computed once before training (or found in the run directory).
+    `reference_model()` gives the module to score with; it is called only when the cache misses."""
     identity = {"reference": OmegaConf.to_container(cfg.reference, resolve=True),
                 "model": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.trainer.seed,
-                "precision": cfg.trainer.precision, "layout": cfg.layout.name, "split": split,
-                "weights": weights_identity(source, revision)}
+                "precision": cfg.trainer.precision, "layout": cfg.layout.name, "split": split, "weights": weights}
     fp = fingerprint(scorer.units, identity)
     table = ReferenceTable.load(run_dir, fp, split) if cfg.reference.cache else None
     if table is not None:
         return table
-    if cfg.reference.name_or_path is None:
-        module = engine.engine  # the initial policy, before any update
-    else:  # a DeepSpeed inference engine: under ZeRO-3 the model is partitioned from the start
-        module = LiveReference(reference_module(cfg, tokenizer, dist, longest), cfg.trainer, dist).engine
     plan = Schedule(scorer.units, cfg.packing, cfg.trainer.micro_batch_size, cfg.trainer.seed, dist.world_size,
                     dist.rank)
-    table = compute_table(module, scorer, plan, dist, fp)
+    table = compute_table(reference_model(), scorer, plan, dist, fp)
     if cfg.reference.cache and dist.is_main:
         try:
             table.save(run_dir, split)
@@ -179,13 +170,30 @@ def _table(cfg, engine, scorer: Scorer, dist: DistInfo, run_dir: Path, tokenizer
 def build_references(cfg, engine, scorer: Scorer, data, dist: DistInfo, run_dir: Path, tokenizer):
     """(training reference, evaluation reference), each None for a reference-free loss."""
     from ppo_train.losses import LOSSES
+    from ppo_train.model import weights_identity
 
     if not LOSSES[cfg.loss.name].needs_reference:
         return None, None
     if cfg.reference.live:
         live = LiveReference(reference_module(cfg, tokenizer, dist, data.longest_sequence), cfg.trainer, dist)
         return live, live
-    train = _table(cfg, engine, scorer, dist, run_dir, tokenizer, "train", data.longest_sequence)
-    evaluation = _table(cfg, engine, scorer.with_units(data.eval_units), dist, run_dir, tokenizer, "eval",
-                        data.longest_sequence) if data.eval_units else None
+    loaded = []
+
+    def reference_model():
+        """The initial policy before any update, or reference.name_or_path in a DeepSpeed
+        inference engine (partitioned under ZeRO-3), loaded once for both splits."""
+        if cfg.reference.name_or_path is None:
+            return engine.engine
+        if not loaded:
+            loaded.append(LiveReference(reference_module(cfg, tokenizer, dist, data.longest_sequence), cfg.trainer,
+                                        dist).engine)
+        return loaded[0]
+
+    # what the weights are, not only where: the files of a local folder, the hub commit
+    separate = cfg.reference.name_or_path is not None
+    weights = weights_identity(cfg.reference.name_or_path if separate else cfg.model.name_or_path,
+                               None if separate else cfg.model.revision)
+    train = _table(cfg, reference_model, scorer, dist, run_dir, "train", weights)
+    evaluation = _table(cfg, reference_model, scorer.with_units(data.eval_units), dist, run_dir, "eval",
+                        weights) if data.eval_units else None
     return train, evaluation

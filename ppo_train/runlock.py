@@ -75,6 +75,7 @@ class RunLock:
         except (OSError, ValueError):
             holder = {}  # being written right now, or torn: treat as held unless old
         host, pid, when = holder.get("host"), holder.get("pid"), float(holder.get("time", 0) or 0)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
         if not holder:
             try:
                 if time.time() - self.path.stat().st_mtime < 10:
@@ -84,14 +85,12 @@ class RunLock:
                 return
         elif host != socket.gethostname():
             raise RunDirectoryBusy(
-                f"{self.path.parent} is in use by PID {pid} on host {host} (since "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))}); one run per directory. If that "
-                f"process is gone, delete {self.path}")
+                f"{self.path.parent} is in use by PID {pid} on host {host} (since {since}); one run per "
+                f"directory. If that process is gone, delete {self.path}")
         elif isinstance(pid, int) and _alive(pid, when):
             raise RunDirectoryBusy(
-                f"{self.path.parent} is in use by PID {pid} on this host ({host}, since "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))}); one run per directory: wait for it, "
-                "stop it, or give this run another directory (hydra.run.dir=...)")
+                f"{self.path.parent} is in use by PID {pid} on this host ({host}, since {since}); one run per "
+                "directory: wait for it, stop it, or give this run another directory (hydra.run.dir=...)")
         aside = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
         try:
             os.rename(self.path, aside)  # only one contender wins this rename
