@@ -61,7 +61,7 @@ def flex_vs_sdpa() -> dict:
     from ppo_train.data.pipeline import prepare
     from ppo_train.data.schedule import Schedule
     from ppo_train.dist import SINGLE
-    from ppo_train.model import build_policy, load_tokenizer
+    from ppo_train.model import attn_implementation, build_policy, load_tokenizer
     from ppo_train.scoring import Scorer
 
     cfg = compose(TINY + ["run_name=gpu_check"])
@@ -77,7 +77,7 @@ def flex_vs_sdpa() -> dict:
             got = {}
             for backend in ("flex", "sdpa"):
                 scorer = Scorer(data.units, tokenizer.pad_token_id, backend, device, cfg.packing.pad_multiple)
-                module.model.set_attn_implementation("pptrain_flex" if backend == "flex" else "sdpa")
+                module.model.set_attn_implementation(attn_implementation(backend))
                 scores = scorer(module, mb).scores
                 got[backend] = (scores.sums / scores.counts.clamp(min=1)).float().cpu()
             worst = max(worst, float((got["flex"] - got["sdpa"]).abs().max()))

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from ppo_train.data.layout import build_units
 from ppo_train.data.schedule import Schedule
+from ppo_train.model import FLEX  # importing ppo_train.model registers the flex attention function
 from ppo_train.scoring import PolicyModule, Scorer, static_shapes
 from tests.conftest import random_examples, tiny_model
 
@@ -45,7 +46,7 @@ def test_compiled_flex_equals_dense_sdpa_forward_and_backward(packer):
     plan = Schedule(units, packing(packer), 3, seed=0).plan(0)
     rows, lengths = static_shapes(units, packing(packer), 3)
     results = {}
-    for backend, impl in (("flex", "pptrain_flex"), ("sdpa", "sdpa")):
+    for backend, impl in (("flex", FLEX), ("sdpa", "sdpa")):
         model = tiny_model("llama", attn=impl).to(DEVICE).train()
         scorer = Scorer(units, 96, backend, DEVICE, rows=rows if backend == "flex" else 1,
                         lengths=lengths if backend == "flex" else ())
@@ -63,7 +64,7 @@ def test_compiled_graphs_stay_within_the_bound_over_two_epochs():
 
     units = build_units(random_examples(30, 2, seed=3, prompt=(3, 300)), "paired")
     rows, lengths = static_shapes(units, packing("none"), 2)
-    model = tiny_model("llama", attn="pptrain_flex").to(DEVICE).train()
+    model = tiny_model("llama", attn=FLEX).to(DEVICE).train()
     module = PolicyModule(model, 16)
     scorer = Scorer(units, 96, "flex", DEVICE, rows=rows, lengths=lengths)
     torch._dynamo.reset()

@@ -94,3 +94,15 @@ def test_ffd_packs_tighter_than_none_on_uneven_units():
     none = plan_epoch(units, _cfg("none"), 2, 0, 0)
     real = sum(u.length for u in units)
     assert tokens(ffd) < tokens(none), (tokens(ffd), tokens(none), real)
+
+
+def test_auto_budget_follows_the_longest_unit():
+    from ppo_train.data.packing import resolve_budget
+
+    auto = OmegaConf.create({"name": "ffd", "row_tokens": None, "rows_per_batch": None, "pad_multiple": 128})
+    assert resolve_budget(auto, [100, 300], "cpu") and (auto.row_tokens, auto.rows_per_batch) == (512, 8)
+    auto = OmegaConf.create({"name": "ffd", "row_tokens": None, "rows_per_batch": None, "pad_multiple": 128})
+    resolve_budget(auto, [700, 1500], "cuda")
+    assert (auto.row_tokens, auto.rows_per_batch) == (1536, 5)  # 8192 // 1536
+    fixed = OmegaConf.create({"name": "ffd", "row_tokens": 1024, "rows_per_batch": 2, "pad_multiple": 128})
+    assert resolve_budget(fixed, [3000], "cpu") == [] and (fixed.row_tokens, fixed.rows_per_batch) == (1024, 2)
