@@ -64,6 +64,7 @@ def plan_identity(cfg, units, dist) -> dict:
     for u in units:
         h.update(u.input_ids.tobytes())
         h.update(u.resp_len.tobytes())
+        h.update(u.image_digest())
         h.update(u.pairs.tobytes())
     p = cfg.packing
     budget = {"packing.row_tokens": p.row_tokens, "packing.rows_per_batch": p.rows_per_batch} if p.name == "ffd" \

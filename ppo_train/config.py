@@ -124,6 +124,10 @@ class ModelConfig:
     # vocab_size defaults to the tokenizer's length.
     from_config: Optional[Dict[str, Any]] = None
     tokenizer: Optional[str] = None  # defaults to name_or_path
+    # vision-language models: the processor (default: tokenizer, then name_or_path), and whether
+    # the vision encoder trains (frozen by default; the projector and language model train)
+    processor: Optional[str] = None
+    train_vision_tower: bool = False
     gguf_file: Optional[str] = None  # a GGUF file inside name_or_path (de-quantized on load)
     revision: Optional[str] = None
     trust_remote_code: bool = False

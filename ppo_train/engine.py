@@ -28,6 +28,8 @@ def deepspeed_config(t: DictConfig, world_size: int) -> dict:
     zero: dict = {"stage": stage}
     if stage == 3:
         zero.update({"stage3_gather_16bit_weights_on_model_save": True})
+    if stage == 1:  # reduce at the step boundary in parameter order, not in backward-hook order
+        zero["overlap_comm"] = False  # (train._vision_zero_stage relies on it)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if t.offload_params:

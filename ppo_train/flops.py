@@ -38,13 +38,17 @@ class ModelShape:
 
     @classmethod
     def of(cls, model: torch.nn.Module, reward: bool = False) -> "ModelShape":
-        """From a transformers model (ZeRO-3 placeholders counted at their full size)."""
-        config = model.config
+        """From a transformers model (ZeRO-3 placeholders counted at their full size). Of a
+        vision-language model, the language model only: its vision encoder is not counted."""
+        from ppo_train.vision import vision_tower
+
+        config = model.config.get_text_config()
         body = getattr(model, model.base_model_prefix)
-        embedding = model.get_input_embeddings().weight
+        tower = vision_tower(model)
+        skip = {id(model.get_input_embeddings().weight)} | {id(p) for p in (tower.parameters() if tower else ())}
         # under ZeRO-3 a parameter is an empty placeholder: its real shape is ds_shape
         elements = sum(getattr(p, "ds_numel", p.numel()) for p in body.parameters()
-                       if len(getattr(p, "ds_shape", p.shape)) == 2 and p is not embedding)
+                       if len(getattr(p, "ds_shape", p.shape)) == 2 and id(p) not in skip)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(elements, config.hidden_size, config.vocab_size, config.num_hidden_layers, heads * head_dim, reward)

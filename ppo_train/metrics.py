@@ -38,6 +38,8 @@ class StepMetrics:
             self.sums["samples"] += len(batch.example_ids)
         self.sums["tokens"] += batch.shape[0] * batch.shape[1]
         self.sums["real_tokens"] += batch.real_tokens
+        self.sums["images"] += batch.images  # through the vision encoder (vision-language models)
+        self.sums["image_tokens"] += batch.image_tokens
         if self.utilization is not None:
             self.sums["flops"] += self.utilization.counter.of_batch(batch)
 
@@ -55,6 +57,8 @@ class StepMetrics:
                     if k in ("loss", "nll", "log_odds_ratio") or "/" in k})
         for k in ("pairs", "responses", "samples", "tokens", "real_tokens"):
             row[k] = int(totals.get(k, 0))
+        if totals.get("images"):  # summed over ranks first, so every rank agrees on the keys
+            row["images"], row["image_tokens"] = int(totals["images"]), int(totals["image_tokens"])
         row["pad_fraction"] = 1.0 - totals.get("real_tokens", 0) / max(totals.get("tokens", 1), 1)
         row["samples_per_s"] = totals.get("samples", 0) / seconds
         row["tokens_per_s"] = totals.get("real_tokens", 0) / seconds

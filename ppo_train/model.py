@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer)
+from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoModelForSequenceClassification, AutoTokenizer)
 
 from ppo_train.errors import ModelLoadError
 from ppo_train.fileio import is_local_path
 from ppo_train.lora import apply_lora, export_lora
+from ppo_train.vision import ImageInputs, RopeIndex, freeze_vision_tower, is_vision_config, load_processor
 
 FLEX = "pptrain_flex"
 
@@ -47,6 +48,67 @@ AttentionInterface.register(FLEX, flex_attention_forward)
 
 def attn_implementation(backend: str) -> str:
     return FLEX if backend == "flex" else "sdpa"
+
+
+def _attention_for(config, impl: str):
+    """A vision-language model takes pptrain's attention in its language model only; its vision
+    encoder keeps SDPA (its images are not packed, and it runs no pptrain mask)."""
+    if not is_vision_config(config):
+        return impl
+    return {"text_config": impl, "vision_config": "sdpa"}
+
+
+def model_config(cfg: DictConfig, vocab_size: int | None = None, extra: dict | None = None):
+    """The model's transformers config, without weights: from `from_config` (vocab_size filled in
+    from the tokenizer; a vision-language model's in its text_config) or from the checkpoint's."""
+    if cfg.name_or_path is None:
+        kwargs = OmegaConf.to_container(cfg.from_config, resolve=True)
+        model_type = kwargs.pop("model_type")
+        if "vision_config" in kwargs:  # the vocabulary lives in the language model's config
+            kwargs.setdefault("text_config", {})
+            if vocab_size is not None:
+                kwargs["text_config"].setdefault("vocab_size", vocab_size)
+        elif vocab_size is not None:
+            kwargs.setdefault("vocab_size", vocab_size)
+        return AutoConfig.for_model(model_type, **kwargs, **(extra or {}))
+    return AutoConfig.from_pretrained(cfg.name_or_path, gguf_file=cfg.gguf_file, revision=cfg.revision,
+                                      trust_remote_code=cfg.trust_remote_code)
+
+
+def is_vision_model(cfg: DictConfig) -> bool:
+    """Whether `model` configures a vision-language model (reads no weights)."""
+    if cfg.name_or_path is None:
+        return "vision_config" in cfg.from_config
+    try:
+        return is_vision_config(model_config(cfg))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the config of model {cfg.name_or_path!r}: {err}") from err
+
+
+def load_vision(cfg: DictConfig, tokenizer):
+    """What tokenizing and collating image rows needs (a data.tokenize.VisionText), or None for a
+    text model: the processor of `model.processor` (default: model.tokenizer, then
+    model.name_or_path) and, for an M-RoPE model, its position rule."""
+    from ppo_train.data.tokenize import VisionText
+
+    if not is_vision_model(cfg):
+        return None
+    processor = load_processor(cfg.processor or cfg.tokenizer or cfg.name_or_path, cfg.revision,
+                               cfg.trust_remote_code)
+    if len(processor.tokenizer) != len(tokenizer):
+        raise ModelLoadError(f"model.processor's tokenizer has {len(processor.tokenizer)} tokens and model.tokenizer "
+                             f"{len(tokenizer)}; give one folder for both")
+    config = model_config(cfg, len(tokenizer))
+    token = getattr(processor, "image_token_id", None)
+    if getattr(config, "image_token_id", None) != token:
+        raise ModelLoadError(f"the model's image_token_id is {getattr(config, 'image_token_id', None)} and its "
+                             f"processor's image token has id {token}; they must agree")
+    return VisionText(processor, RopeIndex.of(config))
+
+
+def image_inputs(vision) -> ImageInputs | None:
+    """The collate-side image processing of a VisionText (None for a text model)."""
+    return ImageInputs(vision.processor) if vision is not None else None
 
 
 def dtype_of(precision: str) -> torch.dtype:
@@ -89,20 +151,19 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
     `zero3`: a ZeRO-3 DeepSpeed config. A pretrained model is then partitioned while it loads
     (transformers' zero.Init through HfDeepSpeedConfig): no rank ever holds all of it. Models
     from `from_config` (random weights, for tests and small runs) and GGUF files are built whole
-    on every rank, so their weights are the same for every world size and ZeRO stage."""
+    on every rank, so their weights are the same for every world size and ZeRO stage.
+
+    A vision-language model (a config with a vision_config) loads as AutoModelForImageTextToText."""
     impl = attn_implementation(backend)
-    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     extra = {"num_labels": 1, "pad_token_id": pad_token_id} if reward else {}
     name_or_path = name_or_path or cfg.name_or_path
     if name_or_path is None:
-        kwargs = OmegaConf.to_container(cfg.from_config, resolve=True)
-        model_type = kwargs.pop("model_type")
-        kwargs.setdefault("vocab_size", vocab_size)
-        config = AutoConfig.for_model(model_type, **kwargs, **extra)
+        config = model_config(cfg, vocab_size, extra)
+        auto = _auto_class(config, reward)
         check_architecture(config, longest_sequence, backend)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = auto.from_config(config, attn_implementation=impl, dtype=dtype)
+            model = auto.from_config(config, attn_implementation=_attention_for(config, impl), dtype=dtype)
         return model
     local = Path(name_or_path).expanduser()
     if is_local_path(name_or_path) and not local.is_dir():
@@ -114,13 +175,15 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
                              "load (unpickling can run code); convert it with save_pretrained(safe_serialization=True)")
     gguf_file = gguf_file or cfg.gguf_file
     try:
-        check_architecture(AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file, revision=cfg.revision,
-                                                      trust_remote_code=cfg.trust_remote_code), longest_sequence,
-                           backend)
+        config = AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code)
+        check_architecture(config, longest_sequence, backend)
+        auto = _auto_class(config, reward)
         with torch.random.fork_rng(), _partitioned(zero3 if not gguf_file else None):
             torch.manual_seed(seed)  # a new reward head starts from the same weights on every rank
             model, info = auto.from_pretrained(
-                name_or_path, gguf_file=gguf_file, revision=cfg.revision, dtype=dtype, attn_implementation=impl,
+                name_or_path, gguf_file=gguf_file, revision=cfg.revision, dtype=dtype,
+                attn_implementation=_attention_for(config, impl),
                 trust_remote_code=cfg.trust_remote_code, use_safetensors=None if gguf_file else True,
                 output_loading_info=True, **extra)
             if vocab_size > model.get_input_embeddings().num_embeddings:  # a pad token was added (reward models)
@@ -135,6 +198,16 @@ def load_causal_lm(cfg: DictConfig, vocab_size: int, dtype: torch.dtype, backend
             "This is almost always an incomplete download or a checkpoint of another architecture; "
             "model.allow_missing_weights=true loads it anyway")
     return _plain_copy(model, auto, impl, dtype) if gguf_file else model
+
+
+def _auto_class(config, reward: bool):
+    if is_vision_config(config):
+        if reward:
+            raise ModelLoadError(f"model_type {config.model_type}: reward models (a sequence-classification head) "
+                                 "are not supported for vision-language models; use a policy loss (dpo, simpo, orpo, "
+                                 "sft)")
+        return AutoModelForImageTextToText
+    return AutoModelForSequenceClassification if reward else AutoModelForCausalLM
 
 
 @contextlib.contextmanager
@@ -195,12 +268,14 @@ def architecture_problems(config, longest_sequence: int = 0, backend: str = "sdp
 
 
 def check_architecture(config, longest_sequence: int = 0, backend: str = "sdpa") -> None:
-    """Raise ModelLoadError (before any weights load) when architecture_problems finds any."""
-    problems = architecture_problems(config, longest_sequence, backend)
+    """Raise ModelLoadError (before any weights load) when architecture_problems finds any (for
+    a vision-language model: in its language model)."""
+    problems = architecture_problems(config.get_text_config(), longest_sequence, backend)
     if problems:
         raise ModelLoadError(
             f"model_type {config.model_type}: {'; '.join(problems)}: pptrain does not "
-            "reproduce this, so its log-probs would be wrong; tested architectures: llama, qwen2, mistral")
+            "reproduce this, so its log-probs would be wrong; tested architectures: llama, qwen2, mistral, "
+            "llava, qwen2_vl")
 
 
 def weights_identity(name_or_path: str | None, revision: str | None = None) -> dict:
@@ -225,7 +300,8 @@ def weights_identity(name_or_path: str | None, revision: str | None = None) -> d
 
 def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) -> torch.nn.Module:
     """The trained module: the model (a causal LM, or a one-label classifier for a reward loss),
-    with LoRA adapters if asked, gradient checkpointing if asked, wrapped for scoring."""
+    with LoRA adapters if asked, gradient checkpointing if asked, wrapped for scoring. A
+    vision-language model's vision encoder is frozen unless model.train_vision_tower."""
     from ppo_train.engine import zero3_config
     from ppo_train.losses import LOSSES
     from ppo_train.masks import resolve_backend
@@ -236,6 +312,8 @@ def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) ->
                            resolve_backend(cfg.model.attention, dist.device), cfg.trainer.seed, reward=reward,
                            pad_token_id=tokenizer.pad_token_id, longest_sequence=longest_sequence,
                            zero3=zero3_config(cfg.trainer, dist.world_size))
+    if not cfg.model.train_vision_tower:
+        freeze_vision_tower(model)
     if cfg.model.lora.enabled:
         peft_model, model = apply_lora(model, cfg.model.lora, reward=reward)
         if dist.is_main:

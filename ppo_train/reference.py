@@ -100,11 +100,12 @@ class LiveReference:
 
 
 def fingerprint(units: list[Unit], identity: dict) -> str:
-    """Hash of the reference model's identity and every token of every unit."""
+    """Hash of the reference model's identity and every token (and image) of every unit."""
     h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     for u in units:
         h.update(u.input_ids.tobytes())
         h.update(u.resp_len.tobytes())
+        h.update(u.image_digest())
     return h.hexdigest()
 
 

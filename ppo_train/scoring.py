@@ -48,13 +48,20 @@ class PolicyModule(torch.nn.Module):
         self.logits_chunk = logits_chunk
         self.dist = dist
         self.recompute = recompute
+        self.image_params = image_params(model)
 
     def forward(self, input_ids, position_ids, attention_mask, pred_index, target_ids, target_response,
-                num_responses: int) -> tuple[torch.Tensor, torch.Tensor]:
+                num_responses: int, **image_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """`image_inputs`: a vision-language model's image tensors (pixel_values, ...)."""
         body, head = decoder_and_head(self.model)
         with record_function("pptrain.forward"):
             hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                          use_cache=False).last_hidden_state
+                          use_cache=False, **image_inputs).last_hidden_state
+        if not image_inputs and self.image_params and self.dist.world_size > 1:
+            # a batch without images leaves the image parameters without gradients on this rank
+            # only; ZeRO-1/2 and plain data parallelism reduce gradients by hooks, so every rank
+            # must produce the same set (zeros here)
+            hidden = hidden + 0.0 * sum(p.sum() for p in self.image_params)
         # the same number of head calls on every rank (ZeRO-3 gathers the head at each call);
         # at least one, so an empty micro-batch keeps the head in the graph too
         own = max(1, -(-pred_index.numel() // self.logits_chunk))
@@ -65,6 +72,17 @@ class PolicyModule(torch.nn.Module):
         if pred_index.numel() == 0:
             return out.sums + lps.sum().double(), out.counts  # lps holds the 0-valued head term
         return out.sums, out.counts
+
+
+def image_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """A vision-language model's trainable parameters outside its language model (the vision
+    encoder and projector: what a batch without images does not reach); [] for a text model."""
+    from ppo_train.vision import vision_tower
+
+    if vision_tower(model) is None:
+        return []
+    body = getattr(model, model.base_model_prefix)
+    return [p for n, p in body.named_parameters() if p.requires_grad and not n.startswith("language_model.")]
 
 
 class RewardModule(torch.nn.Module):
@@ -79,10 +97,10 @@ class RewardModule(torch.nn.Module):
             raise ModelLoadError(f"{type(model).__name__}: no `score` head; reward models need one "
                                  "(Llama, Qwen2 and Mistral classifiers have it)")
 
-    def forward(self, input_ids, position_ids, attention_mask, last_index, num_responses: int):
+    def forward(self, input_ids, position_ids, attention_mask, last_index, num_responses: int, **image_inputs):
         body = getattr(self.model, self.model.base_model_prefix)
         hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False).last_hidden_state
+                      use_cache=False, **image_inputs).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         # exactly one head call on every rank, empty micro-batch included (ZeRO-3 gathers per call)
         rows = last_index if last_index.numel() else last_index.new_zeros(1)
@@ -97,10 +115,11 @@ def forward_scores(module, batch: PackedBatch, mask) -> ResponseLogps:
     rewards (in `sums`, counts 1) for a RewardModule. `module` may be a DeepSpeed engine."""
     inner = getattr(module, "module", module)
     if isinstance(inner, RewardModule):
-        sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.last_index, batch.num_responses)
+        sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.last_index, batch.num_responses,
+                              **batch.image_inputs)
     else:
         sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.pred_index, batch.target_ids,
-                              batch.target_response, batch.num_responses)
+                              batch.target_response, batch.num_responses, **batch.image_inputs)
     return ResponseLogps(sums, counts)
 
 
@@ -144,19 +163,20 @@ class Scorer:
     restart_positions: bool = True
     rows: int = 1  # at least this many rows per micro-batch (static shapes: see static_shapes)
     lengths: tuple[int, ...] = ()  # allowed row lengths (empty: each micro-batch's own)
+    images: Any = None  # vision.ImageInputs of a vision-language model (units with images)
 
     @classmethod
     def from_config(cls, cfg, units: list[Unit], pad_id: int, device: torch.device,
-                    all_units: list[Unit] | None = None) -> "Scorer":
+                    all_units: list[Unit] | None = None, images=None) -> "Scorer":
         """`all_units`: every unit this scorer's copies will see (training and evaluation), so
-        that both passes share one set of shapes under flex."""
+        that both passes share one set of shapes under flex. `images`: a vision.ImageInputs."""
         backend = resolve_backend(cfg.model.attention, device)
         rows, lengths = 1, ()
         if backend == "flex":
             rows, lengths = static_shapes(all_units or units, cfg.packing, cfg.trainer.micro_batch_size)
         return cls(units, pad_id, backend, device, cfg.packing.pad_multiple,
                    mask_documents=cfg.layout.name != "unmasked", restart_positions=cfg.layout.restart_positions,
-                   rows=rows, lengths=lengths)
+                   rows=rows, lengths=lengths, images=images)
 
     def with_units(self, units: list[Unit]) -> "Scorer":
         return replace(self, units=units)
@@ -167,7 +187,7 @@ class Scorer:
         length = next((n for n in self.lengths if n >= need), None)
         with record_function("pptrain.collate"):
             return collate(self.units, mb, self.pad_id, self.pad_multiple, self.mask_documents,
-                           self.restart_positions, self.rows, length).to(self.device)
+                           self.restart_positions, self.rows, length, self.images).to(self.device)
 
     def mask(self, batch: PackedBatch):
         with record_function("pptrain.mask"):

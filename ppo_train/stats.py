@@ -9,7 +9,11 @@ For one example with a prompt of p tokens and K responses of c_1..c_K tokens:
 For K = 2 and c_1 = c_2 = c this is 2 (p + c) / (p + 2 c): 1 when the prompt is empty,
 approaching 2 when the prompt dominates. The aggregate ideal speedup is
 sum(paired) / sum(shared) over all examples (what a whole epoch saves); the per-example
-median is reported beside it. Both count tokens only: attention cost grows faster than
+median is reported beside it. Image tokens (vision-language data) are prompt tokens and
+counted as such; the vision encoder's work is reported apart: images it encodes per epoch
+in each layout (paired: each prompt's images K times; shared: once).
+
+Both count tokens only: attention cost grows faster than
 linearly with length and the output head runs on response tokens only (the same count
 in both layouts), so a measured speedup sits below this number.
 
@@ -108,7 +112,21 @@ def example_stats(examples: list[TokenizedExample]) -> dict:
         "response_tokens": _median_p95([len(r) for ex in examples for r in ex.response_ids]),
         "prefix_completion_ratio_median": float(np.median(ratios)),
         **prefix_sharing_ideal(examples),
+        **image_stats(examples),
     }
+
+
+def image_stats(examples: list[TokenizedExample]) -> dict:
+    """Images, image tokens, and the images the vision encoder runs per epoch in each layout
+    (empty for text data)."""
+    images = [len(ex.images or ()) for ex in examples]
+    if not any(images):
+        return {}
+    paired = sum(n * len(ex.response_ids) for n, ex in zip(images, examples))
+    return {"images": sum(images), "image_tokens": sum(ex.image_tokens for ex in examples),
+            "image_tokens_per_prompt": _median_p95([ex.image_tokens for ex in examples]),
+            "encoder_images": {"paired": paired, "shared": sum(images)},
+            "encoder_images_saved": paired - sum(images)}
 
 
 def dataset_stats(cfg: DictConfig, tokenizer, limit: int | None = None) -> dict:
@@ -145,6 +163,13 @@ def print_stats(stats: dict, console=None) -> None:
         ("ideal prefix-sharing speedup (median)", f"{stats['ideal_speedup_median']:.3f}x"),
     ):
         summary.add_row(name, str(value))
+    if "images" in stats:
+        enc = stats["encoder_images"]
+        summary.add_row("images / image tokens", f"{stats['images']} / {stats['image_tokens']}")
+        summary.add_row("image tokens per prompt (median / p95)",
+                        f"{stats['image_tokens_per_prompt']['median']:.0f} / {stats['image_tokens_per_prompt']['p95']:.0f}")
+        summary.add_row("vision-encoder images per epoch (paired / shared)", f"{enc['paired']} / {enc['shared']}")
+        summary.add_row("vision-encoder images saved by sharing", str(stats["encoder_images_saved"]))
     console.print(summary)
     grid = Table(title="padding at the configured budget (vs paired+none: token speedup incl. padding)")
     for col in ("layout", "packer", "micro-batches", "real tokens", "padded tokens", "non-pad",

@@ -17,11 +17,11 @@ from ppo_train.data.pipeline import PreparedData, prepare
 from ppo_train.data.schedule import Schedule, Step
 from ppo_train.dist import DistInfo, all_ranks, init_distributed
 from ppo_train.engine import Engine
-from ppo_train.errors import NonFiniteLoss
+from ppo_train.errors import ConfigError, NonFiniteLoss
 from ppo_train.losses import LOSSES
 from ppo_train.metrics import MetricsWriter, StepMetrics, summary_table
 from ppo_train.flops import Utilization
-from ppo_train.model import build_policy, dtype_of, load_tokenizer, lora_writer
+from ppo_train.model import build_policy, dtype_of, image_inputs, load_tokenizer, lora_writer
 from ppo_train.reference import build_references
 from ppo_train.scoring import Scorer
 from ppo_train.signals import StopRequest
@@ -37,6 +37,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     # data: rows -> units -> the step plan (deterministic, identical on every rank)
     tokenizer = load_tokenizer(cfg.model, reward=loss.reward_head)
     data = prepare(cfg, tokenizer)  # also resolves an auto ffd budget in cfg.packing
+    if data.vision is not None:
+        _vision_zero_stage(t, dist)
     plan = checkpoint.plan_identity(cfg, data.units, dist)  # what a resume must not change
     checkpoint.check_plan(run_dir, t.resume, plan)
     if dist.is_main:  # before training, so a run that stops early has them; a resumed run keeps its config.yaml
@@ -47,8 +49,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     schedule = Schedule.from_config(cfg, data.units, dist)
 
     # model, engine, reference scores (before the first update)
-    engine = Engine(build_policy(cfg, tokenizer, dist, data.longest_sequence), t, schedule.total_steps, dist)
-    scorer = Scorer.from_config(cfg, data.units, tokenizer.pad_token_id, dist.device, data.units + data.eval_units)
+    policy = build_policy(cfg, tokenizer, dist, data.longest_sequence)
+    if data.vision is not None:
+        _vision_stage_fits(t, dist, policy)
+    engine = Engine(policy, t, schedule.total_steps, dist)
+    scorer = Scorer.from_config(cfg, data.units, tokenizer.pad_token_id, dist.device, data.units + data.eval_units,
+                                image_inputs(data.vision))
     reference, eval_reference = build_references(cfg, engine, scorer, data, dist, run_dir, tokenizer)
     start = checkpoint.resume(engine, run_dir, t.resume, plan)
     writer = MetricsWriter(run_dir, schedule.total_steps, dist.is_main, cfg.logging.progress,
@@ -96,10 +102,39 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
                   file=sys.stderr)
         return writer.history
     if t.save_model:
-        engine.export(run_dir / "model", tokenizer, lora_writer(cfg, tokenizer) if cfg.model.lora.enabled else None)
+        saver = data.vision.processor if data.vision is not None else tokenizer  # a VLM's export carries its processor
+        engine.export(run_dir / "model", saver, lora_writer(cfg, tokenizer) if cfg.model.lora.enabled else None)
     if dist.is_main:
         _print_summary(writer.history, data, run_dir, done, time.perf_counter() - began)
     return writer.history
+
+
+def _vision_zero_stage(t: DictConfig, dist: DistInfo) -> None:
+    """A vision-language model across several processes: a micro-batch without images leaves the
+    image parameters (projector; the vision encoder when trained) out of that rank's backward.
+    ZeRO-3 would then skip their parameter gathers on one rank and hang the others, so stage 3
+    and `trainer.offload_params` are refused. ZeRO-2 reduces gradients in the order they become
+    ready, and the zero term that gives an image-less rank those gradients (scoring.PolicyModule)
+    makes them ready at another point of its backward than on a rank with images: the ranks
+    would sum unrelated gradients. ZeRO-1 (and 0) reduce in parameter order, so `auto` means
+    ZeRO-1 here; an explicit stage 2 is checked against the model (_vision_stage_fits)."""
+    if dist.world_size == 1:
+        return
+    if str(t.zero_stage) == "3" or t.offload_params:
+        raise ConfigError(["trainer.zero_stage=3 / trainer.offload_params: not supported for vision-language models "
+                           "across several processes (a micro-batch without images skips the image parameters' "
+                           "gathers); use trainer.zero_stage=auto (ZeRO-1)"])
+    if str(t.zero_stage) == "auto":
+        t.zero_stage = "1"
+
+
+def _vision_stage_fits(t: DictConfig, dist: DistInfo, policy: torch.nn.Module) -> None:
+    """Explicit ZeRO-2 across processes is safe only when nothing outside the language model
+    trains (Qwen2-VL with its vision encoder and merger frozen); see _vision_zero_stage."""
+    if dist.world_size > 1 and str(t.zero_stage) == "2" and getattr(policy, "image_params", None):
+        raise ConfigError(["trainer.zero_stage=2: this vision-language model trains parameters outside its language "
+                           "model (its projector, or the vision encoder), which ZeRO-2 would reduce out of order "
+                           "across ranks when a micro-batch has no image; use trainer.zero_stage=auto (ZeRO-1)"])
 
 
 def seed_everything(seed: int) -> None:

@@ -4,11 +4,16 @@ Response r of the micro-batch has tokens at flat positions (row * L + column). I
 log-prob is gathered at explicit *predicting* positions: the prompt's last token for its
 first token (not the previous response's last token, which is what a naive
 `logits[:, :-1]` shift would use in a shared row), then its own tokens.
+
+Images: the image references of the micro-batch are listed in the order of their tokens in
+the flattened (rows x length) ids, the order in which the model scatters image features, and
+turned into the processor's tensors by `images` (a `vision.ImageInputs`). M-RoPE units give
+(3, B, L) position ids.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +38,9 @@ class PackedBatch:
     real_tokens: int
     example_ids: list[int]  # uids of the units, for error messages
     visible_pairs: int = 0  # (query, key) pairs the mask lets attend among real tokens (FLOP counts)
+    image_inputs: dict = field(default_factory=dict)  # the processor's image tensors (pixel_values, ...)
+    images: int = 0  # images sent through the vision encoder for this batch
+    image_tokens: int = 0  # tokens that carry image features
 
     @property
     def num_responses(self) -> int:
@@ -48,18 +56,20 @@ class PackedBatch:
 
     def to(self, device) -> "PackedBatch":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        moved["image_inputs"] = {k: v.to(device) for k, v in self.image_inputs.items()}
         return PackedBatch(**moved)
 
 
 def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length: int = 128,
             mask_documents: bool = True, restart_positions: bool = True, min_rows: int = 1,
-            length: int | None = None) -> PackedBatch:
+            length: int | None = None, images=None) -> PackedBatch:
     """Lay out one micro-batch. `None` gives an empty micro-batch (pad rows, no responses).
 
     mask_documents=False (layout=unmasked): every real token of a row is one document with
     segment 0, so the mask is plain causal across the packed sequences; restart_positions=False
     then also lets the position ids run on along the row. `min_rows` adds all-pad rows and
     `length` (>= the micro-batch's own row length) pads every row further, for fixed shapes.
+    `images` turns the micro-batch's image references into tensors (needed when units have images).
     """
     rows = list(mb.rows) if mb is not None else []
     rows += [[] for _ in range(max(0, min_rows - len(rows)))]
@@ -70,6 +80,8 @@ def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length:
     pos = np.zeros((b, length), dtype=np.int64)
     doc = np.zeros((b, length), dtype=np.int64)
     seg = np.zeros((b, length), dtype=np.int64)
+    mrope = np.zeros((3, b, length), dtype=np.int64) if any(units[u].mrope is not None for u in members) else None
+    refs, image_tokens = [], 0
     base, count = {}, 0
     for u in members:
         base[u] = count
@@ -88,6 +100,12 @@ def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length:
             sl = slice(col, col + n)
             ids[r, sl] = unit.input_ids[piece.lo:piece.hi]
             pos[r, sl] = unit.position_ids[piece.lo:piece.hi]
+            if mrope is not None:
+                mrope[:, r, sl] = unit.mrope[:, piece.lo:piece.hi]
+            for lo, unit_refs in unit.images:  # each prompt copy inside this piece, in token order
+                if piece.lo <= lo < piece.hi:
+                    refs += unit_refs
+                    image_tokens += unit.image_tokens
             seg[r, sl] = unit.segment_ids[piece.lo:piece.hi]
             local = unit.doc_ids[piece.lo:piece.hi]
             doc[r, sl] = local - local.min() + next_doc
@@ -113,8 +131,10 @@ def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length:
     resp_unit = [units[u].uid for u in members for _ in range(units[u].num_responses)]
     resp_k = [k for u in members for k in range(units[u].num_responses)]
     pairs = [units[u].pairs + base[u] for u in members]
+    if refs and images is None:
+        raise ValueError("the micro-batch has images and no image processor was given")
     return PackedBatch(
-        input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos),
+        input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(pos if mrope is None else mrope),
         doc_ids=torch.from_numpy(doc), segment_ids=torch.from_numpy(seg),
         pred_index=cat(preds), target_ids=cat(targets), target_response=cat(owners),
         last_index=torch.from_numpy(last),
@@ -122,4 +142,5 @@ def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length:
         pairs=torch.from_numpy(np.concatenate(pairs)) if pairs else torch.zeros((0, 2), dtype=torch.long),
         real_tokens=mb.real_tokens if mb is not None else 0,
         example_ids=[units[u].uid for u in members], visible_pairs=visible,
+        image_inputs=images(refs) if refs else {}, images=len(refs), image_tokens=image_tokens,
     )

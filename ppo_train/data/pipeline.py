@@ -18,7 +18,7 @@ from ppo_train.data.layout import Unit, build_units
 from ppo_train.data.packing import resolve_budget
 from ppo_train.dist import device_for
 from ppo_train.data.sources import DataError, LoadReport, load_examples
-from ppo_train.data.tokenize import TokenizedExample, TokenizeReport, tokenize_examples
+from ppo_train.data.tokenize import TokenizedExample, TokenizeReport, VisionText, tokenize_examples
 
 
 @dataclass
@@ -31,6 +31,7 @@ class PreparedData:
     eval_examples: list[TokenizedExample] = field(default_factory=list)
     dropped_over_row_budget: int = 0
     eval_file_reports: tuple[LoadReport, TokenizeReport] | None = None  # dataset.eval_path only
+    vision: VisionText | None = None  # a vision-language model's processor (model.load_vision)
 
     def report(self) -> dict[str, int]:
         """Counts of everything read, skipped, truncated or dropped (summary, metrics, data_report.json)."""
@@ -40,6 +41,9 @@ class PreparedData:
                "responses_over_max_responses": self.load_report.capped_responses,
                **self.tokenize_report.as_dict(), "dropped_over_row_budget": self.dropped_over_row_budget,
                "train_examples": len(self.units), "eval_examples": len(self.eval_units)}
+        if self.vision is not None:
+            out.update({"images": sum(len(ex.images or ()) for ex in self.examples + self.eval_examples),
+                        "image_tokens": sum(ex.image_tokens for ex in self.examples + self.eval_examples)})
         if self.eval_file_reports is not None:
             loaded, tokenized = self.eval_file_reports
             out.update({"eval_file_rows": loaded.rows, "eval_file_invalid_skipped": loaded.skipped,
@@ -79,15 +83,20 @@ def _fits(units: list[Unit], examples: list[TokenizedExample], cfg: DictConfig):
 @record_function("pptrain.prepare")
 def prepare(cfg: DictConfig, tokenizer) -> PreparedData:
     """Load, tokenize, split and lay out the data. A null ffd budget (auto) is resolved here, in
-    `cfg.packing`, from the real units."""
+    `cfg.packing`, from the real units. A vision-language model's processor is loaded here too."""
+    from ppo_train.model import load_vision
+
     d = cfg.dataset
+    vision = load_vision(cfg.model, tokenizer)
+    if vision is not None and cfg.layout.name == "unmasked":
+        raise DataError("layout=unmasked is not supported for vision-language models; use layout=shared or paired")
     examples, load_report = load_examples(d)
-    tokenized, tokenize_report = tokenize_examples(examples, tokenizer, d)
+    tokenized, tokenize_report = tokenize_examples(examples, tokenizer, d, vision=vision)
     eval_tokenized: list[TokenizedExample] = []
     eval_file_reports = None
     if d.eval_path:
         eval_rows, eval_load_report = load_examples(d, d.eval_path)
-        eval_tokenized, eval_tokenize_report = tokenize_examples(eval_rows, tokenizer, d, d.eval_path)
+        eval_tokenized, eval_tokenize_report = tokenize_examples(eval_rows, tokenizer, d, d.eval_path, vision)
         eval_file_reports = (eval_load_report, eval_tokenize_report)
     elif d.eval_fraction:
         order = np.random.default_rng([cfg.trainer.seed, 7]).permutation(len(tokenized))
@@ -105,4 +114,4 @@ def prepare(cfg: DictConfig, tokenizer) -> PreparedData:
         raise DataError(f"{d.path}: no training examples left ({dropped} longer than packing.row_tokens="
                         f"{cfg.packing.row_tokens}); raise the row budget or lower the length limits")
     return PreparedData(units, tokenized, load_report, tokenize_report, eval_units, eval_tokenized,
-                        dropped + eval_dropped, eval_file_reports)
+                        dropped + eval_dropped, eval_file_reports, vision)

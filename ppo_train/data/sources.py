@@ -18,6 +18,13 @@ pairs among them. Accepted formats (TRL's names):
 - pandalm: `instruction`, `input`, `response1`, `response2`, `annotator1..3` (1 or 2 = that
   response is better, 0 = tie); the majority of the annotators decides, a draw is a tie.
 
+Images (vision-language models, TRL's vision format): an `images` column beside any of the
+conversational formats above, one entry per `{"type": "image"}` part of the prompt's messages,
+in order (see `ppo_train.vision` for the accepted kinds). A message's content may be a list of
+`{"type": "text", "text": ...}` and `{"type": "image"}` parts; a list without image parts is
+joined into one string, so text-only chat templates read it. A missing, undecodable or empty
+image makes the row invalid (`dataset.on_invalid`), like any bad field.
+
 Lists keep their first `dataset.max_responses` responses. Preferences are all ordered pairs
 with strictly different scores; tied pairs are dropped and counted, and a row whose
 responses are all tied has no preference at all (an invalid row).
@@ -50,6 +57,7 @@ class PreferenceExample:
     responses: list[Text]
     pairs: list[tuple[int, int]]  # (preferred, dispreferred) indices into responses
     scores: list[float] | None = None
+    images: list | None = None  # image references (ppo_train.vision.image_ref) of the prompt, in order
 
     @property
     def conversational(self) -> bool:
@@ -158,10 +166,56 @@ def _messages(value: Any, where: str) -> list[dict]:
                 raise DataError(f"{where}[{i}]: unknown role {m['from']!r}; expected one of {sorted(_SHAREGPT_ROLES)}")
         else:
             raise DataError(f"{where}[{i}]: expected {{'role', 'content'}} or {{'from', 'value'}}, got {m!r:.80}")
-        if not isinstance(content, str):
-            raise DataError(f"{where}[{i}].content: expected a string, got {type(content).__name__}")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _content(content, f"{where}[{i}].content")})
     return out
+
+
+def _content(content: Any, where: str) -> str | list[dict]:
+    """A message's content: a string, or a list of text and image parts (kept as a list only
+    when it holds an image)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DataError(f"{where}: expected a string or a list of parts, got {type(content).__name__}")
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image":
+            parts.append({"type": "image"})
+        else:
+            raise DataError(f"{where}[{j}]: expected {{'type': 'text', 'text': ...}} or {{'type': 'image'}}, "
+                            f"got {part!r:.80}")
+    if not any(p["type"] == "image" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def image_parts(text: Text) -> int:
+    """The number of {"type": "image"} parts in a message list (0 for a string)."""
+    if isinstance(text, str):
+        return 0
+    return sum(1 for m in text if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
+
+
+def _images(row: dict, prompt: Text, responses: list[Text], where: str, base_dir: Path | None) -> list | None:
+    """The row's image references, checked against the image parts of its messages."""
+    from ppo_train.vision import image_ref
+
+    values = row.get("images")
+    values = [] if values is None else values
+    if not isinstance(values, (list, tuple)):
+        values = [values]
+    for k, resp in enumerate(responses):
+        if image_parts(resp):
+            raise DataError(f"{where}: response {k} holds an image part; images belong to the prompt")
+    wanted = image_parts(prompt)
+    if len(values) != wanted:
+        if isinstance(prompt, str) and values:
+            raise DataError(f"{where}: a row with images needs its prompt as messages with {{'type': 'image'}} parts")
+        raise DataError(f"{where}: {len(values)} image(s) in 'images' but {wanted} image part(s) in the prompt")
+    return [image_ref(v, f"{where}.images[{i}]", base_dir) for i, v in enumerate(values)] or None
 
 
 def _text(value: Any, where: str) -> Text:
@@ -267,6 +321,7 @@ def _scored_row(row: dict, fmt: str, where: str) -> tuple[Text, list[Text], list
 def normalize_row(row: dict, index: int, fmt: str, cfg: DictConfig, source: str,
                   report: LoadReport | None = None) -> PreferenceExample:
     where = f"{source} row {index}"
+    base_dir = Path(source).expanduser().resolve().parent if is_local_path(source) else None
     if row.get(INVALID):  # a line that jsoncheck replaced: its message names file, row and line
         raise DataError(row[INVALID])
     for key in REQUIRED[fmt]:
@@ -286,7 +341,8 @@ def normalize_row(row: dict, index: int, fmt: str, cfg: DictConfig, source: str,
             report.tied_pairs += ties
         if isinstance(prompt, str) and isinstance(responses[0], list):
             prompt = [{"role": "user", "content": prompt}]
-        return PreferenceExample(index=index, prompt=prompt, responses=responses, pairs=pairs, scores=scores)
+        return PreferenceExample(index=index, prompt=prompt, responses=responses, pairs=pairs, scores=scores,
+                                 images=_images(row, prompt, responses, where, base_dir))
     if fmt == "implicit":
         prompt, chosen, rejected = split_implicit(
             _text(row["chosen"], f"{where}.chosen"), _text(row["rejected"], f"{where}.rejected"),
@@ -309,7 +365,8 @@ def normalize_row(row: dict, index: int, fmt: str, cfg: DictConfig, source: str,
                 raise DataError(f"{where}.{name}: no final assistant turn (the last message is {resp[-1]['role']!r})")
     if chosen == rejected:
         raise DataError(f"{where}: chosen is identical to rejected")
-    return PreferenceExample(index=index, prompt=prompt, responses=[chosen, rejected], pairs=[(0, 1)])
+    return PreferenceExample(index=index, prompt=prompt, responses=[chosen, rejected], pairs=[(0, 1)],
+                             images=_images(row, prompt, [chosen, rejected], where, base_dir))
 
 
 def field_label(fmt: str) -> str:

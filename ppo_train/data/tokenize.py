@@ -12,6 +12,12 @@ Length policy: `truncate` keeps the prompt's last `max_prompt_length` tokens and
 response's first `max_response_length` tokens; `drop` removes the example. Both are
 counted in the `TokenizeReport`.
 
+Images (vision-language models, given a `VisionText`): the prompt is rendered by the
+processor's chat template and tokenized by the processor with its images, which expands each
+image placeholder into the image's feature tokens. Such a prompt is never truncated (cutting
+image tokens would break the image): over `max_prompt_length` it is dropped and counted. For
+M-RoPE models the prompt's 3-D positions come from the model's own rule (`vision.RopeIndex`).
+
 Special tokens inside the data's text (`<|im_end|>\n<|im_start|>system ...` in a user message)
 would be encoded as real control tokens, silently turning data into a turn boundary or a
 system message. Such a row is invalid: `dataset.on_invalid=error` stops naming the file, row,
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from omegaconf import DictConfig
 
 from ppo_train.data.sources import DataError, PreferenceExample
@@ -34,6 +41,10 @@ class TokenizedExample:
     response_ids: list[list[int]]
     pairs: list[tuple[int, int]]
     scores: list[float] | None = None
+    images: list | None = None  # the prompt's image references, in the order of their tokens
+    mrope: np.ndarray | None = None  # (3, P) M-RoPE positions of the prompt (M-RoPE models only)
+    rope_delta: int = 0  # text after the prompt at 1-D position p sits at p + rope_delta (M-RoPE)
+    image_tokens: int = 0  # of the prompt's tokens, those that carry image features
 
     @property
     def shared_length(self) -> int:
@@ -60,8 +71,36 @@ class TokenizeReport:
                 "rows_with_special_tokens": self.special_token_rows}
 
 
+@dataclass(frozen=True)
+class VisionText:
+    """What tokenizing rows with images needs: the model's processor, and its M-RoPE rule
+    (None for models with 1-D positions)."""
+
+    processor: object
+    rope: object | None = None  # ppo_train.vision.RopeIndex
+
+    def prompt(self, text: str, images: list, add_special_tokens: bool):
+        """(ids, M-RoPE positions or None, rope delta, image tokens) of a rendered prompt."""
+        from ppo_train.vision import open_image
+
+        opened = [open_image(r) for r in images or []]
+        out = self.processor(text=[text], images=opened or None, add_special_tokens=add_special_tokens,
+                             return_tensors="pt")
+        ids = out["input_ids"][0].tolist()
+        token = getattr(self.processor, "image_token_id", None)
+        count = sum(1 for i in ids if i == token) if token is not None else 0
+        if opened and not count:
+            raise DataError("the processor put no image tokens in the prompt; is its image placeholder in the "
+                            "chat template?")
+        if self.rope is None:
+            return ids, None, 0, count
+        positions, delta = self.rope.prompt(ids, out.get("image_grid_thw"))
+        return ids, positions, delta, count
+
+
 def _render(tokenizer, example: PreferenceExample) -> tuple[str, list[str], bool]:
-    """Return (prompt text, response texts, prompt_has_specials)."""
+    """Return (prompt text, response texts, prompt_has_specials). `tokenizer` may be a
+    processor (its chat template renders image parts)."""
     if not example.conversational:
         return example.prompt, list(example.responses), False
     if not getattr(tokenizer, "chat_template", None):
@@ -95,9 +134,15 @@ def _texts(example: PreferenceExample):
     for name, value in [("prompt", example.prompt)] + [(f"responses[{k}]", r) for k, r in enumerate(example.responses)]:
         if isinstance(value, str):
             yield name, value
-        else:
-            for i, message in enumerate(value):
-                yield f"{name}[{i}].content", message["content"]
+            continue
+        for i, message in enumerate(value):
+            content = message["content"]
+            if isinstance(content, str):
+                yield f"{name}[{i}].content", content
+            else:
+                for j, part in enumerate(content):
+                    if part["type"] == "text":
+                        yield f"{name}[{i}].content[{j}].text", part["text"]
 
 
 def special_token_problem(example: PreferenceExample, specials: list[str]) -> str | None:
@@ -111,7 +156,8 @@ def special_token_problem(example: PreferenceExample, specials: list[str]) -> st
 
 
 def tokenize_examples(examples: list[PreferenceExample], tokenizer, cfg: DictConfig,
-                      source: str | None = None) -> tuple[list[TokenizedExample], TokenizeReport]:
+                      source: str | None = None, vision: VisionText | None = None
+                      ) -> tuple[list[TokenizedExample], TokenizeReport]:
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; responses must end in EOS (set tokenizer.eos_token)")
     report = TokenizeReport()
@@ -129,15 +175,25 @@ def tokenize_examples(examples: list[PreferenceExample], tokenizer, cfg: DictCon
             report.special_token_rows += 1
             report.skip_messages.append(message)
             continue
-        prompt, responses, templated = _render(tokenizer, ex)
-        prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+        if ex.images and vision is None:
+            raise DataError(f"{source or cfg.path} row {ex.index}: the row has images, and the model is a text model; "
+                            "use a vision-language model (see model=tiny_llava) or data without images")
+        prompt, responses, templated = _render(vision.processor if vision else tokenizer, ex)
+        mrope, delta, image_tokens = None, 0, 0
+        if vision is not None:
+            try:
+                prompt_ids, mrope, delta, image_tokens = vision.prompt(prompt, ex.images, not templated)
+            except DataError as err:
+                raise DataError(f"{source or cfg.path} row {ex.index}: {err}") from None
+        else:
+            prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
         response_ids = [_response_ids(tokenizer, r) for r in responses]
         if not prompt_ids:
             raise DataError(f"row {ex.index}: the prompt tokenizes to nothing")
         too_long_prompt = len(prompt_ids) > cfg.max_prompt_length
         too_long = [len(r) > cfg.max_response_length for r in response_ids]
         if too_long_prompt or any(too_long):
-            if cfg.length_policy == "drop":
+            if cfg.length_policy == "drop" or (too_long_prompt and image_tokens):
                 report.dropped_too_long += 1
                 continue
             if too_long_prompt:
@@ -145,7 +201,8 @@ def tokenize_examples(examples: list[PreferenceExample], tokenizer, cfg: DictCon
                 report.truncated_prompts += 1
             report.truncated_responses += sum(too_long)
             response_ids = [r[: cfg.max_response_length] for r in response_ids]
-        out.append(TokenizedExample(ex.index, prompt_ids, response_ids, list(ex.pairs), ex.scores))
+        out.append(TokenizedExample(ex.index, prompt_ids, response_ids, list(ex.pairs), ex.scores, ex.images, mrope,
+                                    delta, image_tokens))
     report.examples = len(out)
     if not out:
         raise DataError(

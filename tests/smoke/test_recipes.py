@@ -25,9 +25,24 @@ HUB_OVERRIDES = ["model=tiny", "dataset=hh_rlhf_bundled", "trainer=cpu", "datase
                  "packing.row_tokens=1024", "logging.wandb=disabled", "dataset.max_responses=null"]
 
 
+# Vision-language recipes: the tiny VLM of the same family, and the bundled image pairs
+VISION_OVERRIDES = ["dataset=vision_pairs", "trainer=cpu", "logging.wandb=disabled", "dataset.num_rows=24"]
+
+
+def _is_vision(model) -> bool:
+    """A vision-language model config, judged without the hub: its from_config or its name."""
+    if model.from_config is not None:
+        return "vision_config" in model.from_config
+    return any(s in str(model.name_or_path).lower() for s in ("-vl", "llava", "vision"))
+
+
 def offline_overrides(recipe: str) -> list[str]:
     cfg = compose([f"recipe={recipe}", "run_name=x"])
     local_data = Path(str(cfg.dataset.path)).is_file()
+    if _is_vision(cfg.model):
+        tiny = "model=tiny_qwen2_vl" if "qwen" in str(cfg.model.name_or_path).lower() else "model=tiny_llava"
+        return [tiny, "trainer=cpu", "logging.wandb=disabled", "dataset.num_rows=24"] if local_data else \
+            [tiny, *VISION_OVERRIDES]
     out = ["model=tiny", "trainer=cpu", "logging.wandb=disabled"]
     if not local_data:
         out = HUB_OVERRIDES + (["dataset.format=implicit"] if cfg.dataset.format != "implicit" else [])
@@ -73,9 +88,14 @@ def test_recipe_runs_two_steps_with_a_tiny_model(recipe, tmp_path):
                                              "eval_file_invalid_skipped", "eval_file_rows_with_special_tokens"))
     assert report["rows"] > 0 and len(report["skipped_rows"]) == min(skipped, 1000)
     assert steps[0]["data/rows"] == report["rows"] and "data/rows" not in steps[1]  # counts on the first row
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
-    if compose([f"recipe={recipe}", "run_name=x"]).loss.name == "reward":
+    from ppo_train.vision import load_processor
+
+    if _is_vision(cfg.model):  # the export loads as a vision-language model, with its processor
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "run" / "model")
+        assert load_processor(str(tmp_path / "run" / "model")).image_token_id == cfg.model.from_config.image_token_id
+    elif compose([f"recipe={recipe}", "run_name=x"]).loss.name == "reward":
         model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
         assert model.config.num_labels == 1 and model.config.pad_token_id != model.config.eos_token_id
     else:
@@ -102,6 +122,24 @@ def test_golden_run_reproduces_recorded_losses(tmp_path):
     want = json.loads(GOLDEN.read_text())
     assert [g["step"] for g in got] == [w["step"] for w in want], f"got {got}\nwant {want}"
     for g, w in zip(got, want):
+        for key in ("loss", "rewards/margins"):
+            diff = abs(g[key] - w[key])
+            assert diff <= GOLDEN_ABS + GOLDEN_REL * abs(w[key]), (
+                f"step {w['step']} {key}: got {g[key]!r}, recorded {w[key]!r}, difference {diff:.3e}")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_golden_vision_run_reproduces_recorded_losses(tmp_path, family):
+    """`tiny_vlm_dpo` (model=tiny_<family>), seed 42, first 3 steps: losses and margins as
+    recorded (CPU, fp32, same tolerance as the text golden run), and the images and image
+    tokens each step sent through the vision encoder, exactly. Regenerate
+    tests/assets/golden_tiny_vlm_dpo_<family>.json (same command) only for a change meant to
+    change the math."""
+    rows = run_pptrain(tmp_path / "run", "recipe=tiny_vlm_dpo", f"model=tiny_{family}", "trainer.max_steps=3")
+    want = json.loads((REPO / "tests" / "assets" / f"golden_tiny_vlm_dpo_{family}.json").read_text())
+    assert [r["step"] for r in rows] == [w["step"] for w in want]
+    for g, w in zip(rows, want):
+        assert (g["images"], g["image_tokens"]) == (w["images"], w["image_tokens"]), f"step {w['step']}: {g}"
         for key in ("loss", "rewards/margins"):
             diff = abs(g[key] - w[key])
             assert diff <= GOLDEN_ABS + GOLDEN_REL * abs(w[key]), (
