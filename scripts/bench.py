@@ -103,6 +103,8 @@ class Tally:
     mask_s: float = 0.0
     collate_s: float = 0.0
     flops: float = 0.0  # model FLOPs the steps needed (ppo_train/flops.py)
+    images: int = 0  # images sent through the vision encoder (vision-language data)
+    image_tokens: int = 0  # tokens carrying image features
     last_loss: float = float("nan")
 
 
@@ -133,11 +135,21 @@ def train_steps(ctx: dict, steps: list[list], tally: Tally) -> None:
             tally.real_tokens += batch.real_tokens
             tally.total_tokens += batch.shape[0] * batch.shape[1]
             tally.flops += ctx["flops"].of_batch(batch)
+            tally.images += batch.images
+            tally.image_tokens += batch.image_tokens
         torch.nn.utils.clip_grad_norm_(ctx["module"].parameters(), cfg.trainer.max_grad_norm)
         ctx["optimizer"].step()
         ctx["optimizer"].zero_grad(set_to_none=True)
         tally.steps += 1
         tally.last_loss = loss_sum
+
+
+def _count_calls(module: torch.nn.Module | None) -> list[int]:
+    """A one-element counter of `module`'s forward calls (stays [0] for None: a text model)."""
+    calls = [0]
+    if module is not None:
+        module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
 
 
 def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptions) -> dict:
@@ -147,10 +159,11 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     from ppo_train.dist import SINGLE, device_for
     from ppo_train.flops import FlopCounter, ModelShape, calibrate_peak
     from ppo_train.losses import LOSSES
-    from ppo_train.model import build_policy, dtype_of, load_tokenizer
+    from ppo_train.model import build_policy, dtype_of, image_inputs, load_tokenizer
     from ppo_train.reference import compute_table
     from ppo_train.scoring import Scorer
     from ppo_train.stats import comparable_examples
+    from ppo_train.vision import vision_tower
 
     cfg = point_config(overrides, layout, packer)
     loss = LOSSES[cfg.loss.name]
@@ -159,14 +172,16 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     device = device_for(cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model)
-    examples = comparable_examples(cfg, tokenizer)[0][: opts.num_units]
+    examples, data, _ = comparable_examples(cfg, tokenizer)
+    examples = examples[: opts.num_units]
     units = build_units(examples, layout)
     t = cfg.trainer
     schedule = Schedule(units, cfg.packing, t.micro_batch_size, t.seed)
     plans = [schedule.plan(0), Schedule(units, cfg.packing, t.micro_batch_size, t.seed).plan(1)]
     rss_before_model = probe.status_mib("VmRSS")
     module = build_policy(cfg, tokenizer, SINGLE).to(device).train()
-    scorer = Scorer.from_config(cfg, units, tokenizer.pad_token_id, device)
+    scorer = Scorer.from_config(cfg, units, tokenizer.pad_token_id, device, images=image_inputs(data.vision))
+    encoder_calls = _count_calls(vision_tower(module.model))
     start = time.perf_counter()
     reference = compute_table(module, scorer, schedule, SINGLE, "bench") if loss.needs_reference else None
     optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
@@ -174,7 +189,7 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     return {"cfg": cfg, "device": device, "backend": scorer.backend, "units": units, "plans": plans,
             "module": module, "optimizer": optimizer, "reference": reference, "loss": loss, "scorer": scorer,
             "reference_s": time.perf_counter() - start, "rss_before_model_mib": rss_before_model,
-            "params": sum(p.numel() for p in module.parameters()),
+            "params": sum(p.numel() for p in module.parameters()), "encoder_calls": encoder_calls,
             "flops": FlopCounter(ModelShape.of(module.model)), "peak": calibrate_peak(device, dtype_of(t.precision))}
 
 
@@ -191,12 +206,13 @@ def run_point(overrides: list[str], layout: str, packer: str, opts: BenchOptions
     graphs = _compiled_graphs()
     passes = []
     for _ in range(max(1, opts.repeats)):
-        tally = Tally()
+        tally, calls_before = Tally(), ctx["encoder_calls"][0]
         cpu_before, start = probe.cpu_seconds(), probe.sync(device)
         train_steps(ctx, group_by_units(ctx["plans"][0], opts.units_per_step), tally)
         seconds = probe.sync(device) - start
-        passes.append((seconds, probe.other_cpu_share(cpu_before, probe.cpu_seconds(), seconds), tally))
-    seconds, other, tally = min(passes, key=lambda item: item[0])
+        passes.append((seconds, probe.other_cpu_share(cpu_before, probe.cpu_seconds(), seconds), tally,
+                       ctx["encoder_calls"][0] - calls_before))
+    seconds, other, tally, encoder_calls = min(passes, key=lambda item: item[0])
     return {
         "layout": layout, "packer": packer, "device": str(device), "backend": ctx["backend"],
         "params": ctx["params"], "threads": torch.get_num_threads(), "units": tally.units,
@@ -207,6 +223,8 @@ def run_point(overrides: list[str], layout: str, packer: str, opts: BenchOptions
         "flops_per_s": tally.flops / seconds, "mfu": tally.flops / seconds / ctx["peak"],
         "peak_flops_per_s": ctx["peak"],
         "pad_fraction": 1.0 - tally.real_tokens / tally.total_tokens,
+        "tokens_per_step": tally.total_tokens / tally.steps, "real_tokens_per_step": tally.real_tokens / tally.steps,
+        "images": tally.images, "image_tokens": tally.image_tokens, "encoder_calls": encoder_calls,
         "mask_s_per_step": tally.mask_s / tally.steps, "mask_fraction": tally.mask_s / seconds,
         "collate_s_per_step": tally.collate_s / tally.steps, "reference_s": ctx["reference_s"],
         "peak_memory_mib": probe.peak_mib(device), "peak_memory_scope": scope,
@@ -282,7 +300,7 @@ def _trl(overrides: list[str], opts: BenchOptions, precompute: bool = True) -> d
     except ImportError:
         return {"skipped": "trl is not installed (pip install -e '.[trl]' to add the baseline)"}
     if not opts.trl:
-        return {"skipped": "disabled (--no-trl)"}
+        return {"skipped": "disabled (--no-trl; --vlm has no TRL baseline)"}
     try:  # pragma: no cover - trl is not installed where the tests run
         return _in_subprocess({"kind": "trl", "overrides": overrides, "opts": asdict(opts), "precompute": precompute})
     except Exception as err:  # noqa: BLE001 - a broken baseline must not lose the grid's results
@@ -325,7 +343,10 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--num-units", type=int, default=None, help="cap on the prompts in the timed pass")
     ap.add_argument("--repeats", type=int, default=2, help="timed passes per point (the fastest counts)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per point (default: torch's)")
-    ap.add_argument("--big", action="store_true", help="a ~50M-parameter Llama (hidden 512, 8 layers), fewer rows")
+    ap.add_argument("--big", action="store_true", help="a ~50M-parameter Llama (hidden 512, 8 layers), fewer rows; with --vlm: that language model in the tiny VLM")
+    ap.add_argument("--vlm", action="store_true",
+                    help="vision-language data: recipe tiny_vlm_dpo (tiny LLaVA-style model, bundled photographs); "
+                         "adds tokens per step and vision-encoder images and calls; no TRL baseline")
     ap.add_argument("--in-process", action="store_true", help="no subprocess per point (peak memory then shared)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline even when trl is installed")
     ap.add_argument("--vs-trl", action="store_true",
@@ -337,13 +358,18 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> dict:
     """`python scripts/bench.py [--big] [overrides...]`: run the grid, write JSON, Markdown, PNG."""
     args = parse_args(argv)
-    defaults = ["model=tiny", "dataset.num_rows=48" if args.big else "dataset.num_rows=160"]
-    overrides = _merge_overrides(defaults + (BIG_MODEL if args.big else []), args.overrides)
+    if args.vlm:  # --big: the same language model inside the VLM
+        defaults = ["recipe=tiny_vlm_dpo"]
+        defaults += [o.replace("model.from_config.", "model.from_config.text_config.") for o in BIG_MODEL] if args.big else []
+    else:
+        defaults = ["model=tiny", "dataset.num_rows=48" if args.big else "dataset.num_rows=160"]
+        defaults += BIG_MODEL if args.big else []
+    overrides = _merge_overrides(defaults, args.overrides)
     grid = [tuple(item.split(":")) for item in args.grid.split(",")] if args.grid else list(GRID)
     opts = BenchOptions(grid=grid, warmup_steps=args.warmup, units_per_step=args.units_per_step,
                         num_units=args.num_units, repeats=args.repeats, threads=args.threads,
                         subprocess=not args.in_process,
-                        trl=not args.no_trl)
+                        trl=not (args.no_trl or args.vlm))
     start = time.perf_counter()
     from bench_report import write_outputs, write_vs_trl
 

@@ -25,8 +25,16 @@ def markdown(result: dict) -> str:
              f"{st['response_tokens']['median']:.0f}; ideal prefix-sharing speedup {st['ideal_speedup']:.3f}x",
              f"- speedup = samples/s over paired+none; ideal (padded) = padded tokens of paired+none / padded "
              f"tokens of the point; peak memory: {head.get('peak_memory_scope', '?')}", ""]
+    vision = any(p.get("images") for p in pts)
+    if vision:
+        lines[-1:-1] = [f"- images: {st['images']} in the data, {st['image_tokens']} image tokens (median "
+                        f"{st['image_tokens_per_prompt']['median']:.0f} per prompt); encoder images = images sent "
+                        "through the vision encoder in the timed pass, encoder calls = its forward calls; MFU counts "
+                        "the language model only"]
     cols = ["config", "samples/s", "real tok/s", "MFU", "pad %", "peak MiB", "mask ms/step", "steps", "speedup",
             "ideal (padded)", "ideal (prefix)", "achieved/ideal", "new graphs"]
+    if vision:
+        cols[1:1] = ["tokens/step", "encoder images", "encoder calls"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for p in pts:
         cells = [f"{p['layout']}+{p['packer']}", _fmt(p["samples_per_s"]), _fmt(p["real_tokens_per_s"], ".0f"),
@@ -35,6 +43,8 @@ def markdown(result: dict) -> str:
                  _fmt(1000 * p["mask_s_per_step"], ".1f"), str(p["steps"]), _fmt(p["speedup"], ".2f", "x"),
                  _fmt(p["ideal_padded"], ".2f", "x"), _fmt(p["ideal_prefix"], ".2f", "x"),
                  _fmt(p.get("efficiency"), ".0%"), str(p["compiled_graphs_after_warmup"])]
+        if vision:
+            cells[1:1] = [_fmt(p["tokens_per_step"], ".0f"), str(p["images"]), str(p["encoder_calls"])]
         lines.append("| " + " | ".join(cells) + " |")
     trl = result["trl"]
     lines += ["", f"TRL DPOTrainer baseline: {trl.get('skipped') or trl.get('error') or _fmt(trl.get('pairs_per_s'))}"

@@ -103,3 +103,23 @@ def test_chunked_head_equals_naive():
     equal full-logits log_softmax + gather, values and gradients, within 1e-5."""
     diffs = _logit_memory().compare_heads(tokens=512, vocab=5000, hidden=64, chunk=128, seed=0)
     assert max(diffs.values()) < 1e-5, diffs
+
+
+def test_vision_language_points_count_encoder_images_and_calls(tmp_path):
+    """--vlm: images through the vision encoder per timed pass are the prompts' images once in
+    layout=shared and K (= 2) times in layout=paired; one encoder call per micro-batch; the
+    Markdown table carries the image columns."""
+    import ppo_train.data.sources as sources
+
+    opts = BenchOptions(grid=GRID, warmup_steps=1, units_per_step=8, num_units=16, repeats=1, subprocess=False,
+                        trl=False)
+    result = run_grid(["recipe=tiny_vlm_dpo", "packing.rows_per_batch=2"], opts, log=lambda *_: None)
+    cfg = compose(["recipe=tiny_vlm_dpo", "run_name=test"])
+    images = sum(len(ex.images or ()) for ex in sources.load_examples(cfg.dataset)[0][:16])
+    paired, shared = result["points"]
+    assert shared["images"] == images and paired["images"] == 2 * images, (paired["images"], shared["images"], images)
+    for p in (paired, shared):
+        assert p["encoder_calls"] == p["micro_batches"], p
+        assert p["image_tokens"] > 0 and p["tokens_per_step"] == p["total_tokens"] / p["steps"]
+    write_outputs(result, tmp_path)
+    assert "| config | tokens/step | encoder images | encoder calls |" in (tmp_path / "bench.md").read_text()
