@@ -253,7 +253,7 @@ def worker(spec_path: str, out_path: str) -> None:
     if spec["kind"] == "trl":  # pragma: no cover - needs trl
         from bench_trl import trl_baseline
 
-        result = trl_baseline(spec["overrides"], opts, spec["precompute"])
+        result = trl_baseline(spec["overrides"], opts, spec["precompute"], spec.get("own_precision", False))
     else:
         result = run_point(spec["overrides"], spec["layout"], spec["packer"], opts)
     Path(out_path).write_text(json.dumps(result))
@@ -294,7 +294,7 @@ def run_grid(overrides: list[str], opts: BenchOptions, log=print) -> dict:
             "stats": stats, "points": points, "trl": _trl(overrides, opts)}
 
 
-def _trl(overrides: list[str], opts: BenchOptions, precompute: bool = True) -> dict:
+def _trl(overrides: list[str], opts: BenchOptions, precompute: bool = True, own_precision: bool = False) -> dict:
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -302,7 +302,8 @@ def _trl(overrides: list[str], opts: BenchOptions, precompute: bool = True) -> d
     if not opts.trl:
         return {"skipped": "disabled (--no-trl; --vlm has no TRL baseline)"}
     try:  # pragma: no cover - trl is not installed where the tests run
-        return _in_subprocess({"kind": "trl", "overrides": overrides, "opts": asdict(opts), "precompute": precompute})
+        return _in_subprocess({"kind": "trl", "overrides": overrides, "opts": asdict(opts), "precompute": precompute,
+                               "own_precision": own_precision})
     except Exception as err:  # noqa: BLE001 - a broken baseline must not lose the grid's results
         return {"error": str(err)[-2000:]}
 
@@ -313,16 +314,18 @@ def vs_trl(overrides: list[str], opts: BenchOptions, steps: int, log=print) -> d
 
     log("bench: pptrain at its defaults ...")
     ours = pptrain_default(overrides, steps)
-    log("bench: TRL DPOTrainer defaults ...")
+    log("bench: TRL DPOTrainer defaults (its own precision: bf16 mixed) ...")
+    own = _trl(overrides, opts, precompute=False, own_precision=True)
+    log("bench: TRL DPOTrainer defaults in pptrain's precision ...")
     default = _trl(overrides, opts, precompute=False)
     log("bench: TRL DPOTrainer precompute_ref_log_probs=True ...")
     best = _trl(overrides, opts, precompute=True)
-    for name, trl in (("trl_defaults", default), ("trl_precompute", best)):
+    for name, trl in (("trl_own_defaults", own), ("trl_defaults", default), ("trl_precompute", best)):
         if trl.get("pairs_per_s"):
             ours[f"speedup_vs_{name}"] = ours["pairs_per_s"] / trl["pairs_per_s"]
             ours[f"rss_vs_{name}"] = ours["peak_rss_mib"] / trl["peak_rss_mib"]
-    return {"overrides": overrides, "torch": torch.__version__, "pptrain": ours, "trl_defaults": default,
-            "trl_precompute": best}
+    return {"overrides": overrides, "torch": torch.__version__, "pptrain": ours, "trl_own_defaults": own,
+            "trl_defaults": default, "trl_precompute": best}
 
 
 def _merge_overrides(defaults: list[str], user: list[str]) -> list[str]:

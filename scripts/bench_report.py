@@ -103,8 +103,10 @@ def write_vs_trl(result: dict, out_dir: Path) -> dict[str, str]:
              "| run | pairs/s | MFU | peak RSS MiB | pptrain speedup | pptrain RSS ratio |", "|---|---|---|---|---|---|",
              f"| pptrain (defaults) | {_fmt(ours['pairs_per_s'])} | {_fmt(ours.get('mfu'), '.1%')} | "
              f"{_fmt(ours['peak_rss_mib'], '.0f')} | | |"]
-    for name, label in (("trl_defaults", "TRL defaults"), ("trl_precompute", "TRL precompute_ref_log_probs")):
-        trl = result[name]
+    for name, label in (("trl_own_defaults", "TRL defaults (its bf16 mixed precision)"),
+                        ("trl_defaults", "TRL defaults, pptrain's precision"),
+                        ("trl_precompute", "TRL precompute_ref_log_probs, pptrain's precision")):
+        trl = result.get(name, {"skipped": "not run"})
         if trl.get("pairs_per_s") is None:
             lines.append(f"| {label} | {trl.get('skipped') or trl.get('error', '?')[:200]} | | | | |")
             continue

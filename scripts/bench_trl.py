@@ -3,8 +3,10 @@
 - pptrain: the real `python -m ppo_train` run (DeepSpeed engine, default packing and ZeRO
   choice), pairs/s over the optimizer steps after the first, its own MFU, and the process's
   peak RSS (wait4's ru_maxrss);
-- TRL 1.16 DPOTrainer with its defaults (a reference model beside the policy) and with its best
-  setting here, `precompute_ref_log_probs=True`; 8 pairs per step (per_device_train_batch_size
+- TRL 1.16 DPOTrainer three times: with its own defaults (a reference model beside the policy,
+  gradient checkpointing, bf16 mixed precision: autocast over fp32 weights), the same in
+  pptrain's precision (`bf16` set from `trainer.precision`), and with its best setting here in
+  pptrain's precision, `precompute_ref_log_probs=True`; 8 pairs per step (per_device_train_batch_size
   8, no accumulation); pairs/s between the end of the warm-up steps and the last step (a
   callback), peak RSS of the worker process, and MFU from the same FLOP model as pptrain's
   (ppo_train/flops.py: the paired layout's work, head at response tokens) against a GEMM peak
@@ -54,8 +56,10 @@ def pptrain_default(overrides: list[str], steps: int) -> dict:
             "examples": report["train_examples"]}
 
 
-def trl_baseline(overrides: list[str], opts: BenchOptions, precompute: bool) -> dict:  # pragma: no cover - needs trl
-    """TRL's DPOTrainer on the same model and pairs; see the module docstring."""
+def trl_baseline(overrides: list[str], opts: BenchOptions, precompute: bool,
+                 own_precision: bool = False) -> dict:  # pragma: no cover - needs trl
+    """TRL's DPOTrainer on the same model and pairs; see the module docstring. `own_precision`:
+    TRL's default `bf16` (mixed precision unless fp16), else pptrain's `trainer.precision`."""
     import datasets
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -86,7 +90,8 @@ def trl_baseline(overrides: list[str], opts: BenchOptions, precompute: bool) -> 
                      gradient_accumulation_steps=1, max_steps=opts.warmup_steps + timed, learning_rate=t.lr,
                      lr_scheduler_type="constant", beta=cfg.loss.beta, max_length=longest + 8,
                      precompute_ref_log_probs=precompute, report_to="none", save_strategy="no", seed=t.seed,
-                     use_cpu=device.type == "cpu", bf16=str(t.precision) == "bf16", dataloader_num_workers=0)
+                     use_cpu=device.type == "cpu", dataloader_num_workers=0,
+                     **({} if own_precision else {"bf16": str(t.precision) == "bf16"}))
     dtype = torch.float32 if str(t.precision) == "fp32" else torch.bfloat16
     model = load_causal_lm(cfg.model, len(tok), dtype, "sdpa", t.seed)
     units = build_units(examples, "paired")
@@ -102,8 +107,9 @@ def trl_baseline(overrides: list[str], opts: BenchOptions, precompute: bool) -> 
     first, last = marks.get(opts.warmup_steps), marks[max(marks)]
     pairs = (max(marks) - opts.warmup_steps) * TRL_PAIRS_PER_STEP
     seconds = last - first if first and last > first else None
-    peak = calibrate_peak(device, dtype)
-    return {"trl": __import__("trl").__version__, "precompute_ref_log_probs": precompute, "pairs": len(rows),
+    peak = calibrate_peak(device, torch.bfloat16 if args.bf16 else dtype)
+    return {"trl": __import__("trl").__version__, "precompute_ref_log_probs": precompute, "bf16": bool(args.bf16),
+            "gradient_checkpointing": bool(args.gradient_checkpointing), "pairs": len(rows),
             "steps": max(marks), "pairs_per_s": pairs / seconds if seconds else None,
             "mfu": per_pair * pairs / seconds / peak if seconds else None,
             "peak_rss_mib": probe.peak_mib(torch.device("cpu")) if device.type == "cpu" else probe.peak_mib(device)}

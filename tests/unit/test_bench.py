@@ -123,3 +123,19 @@ def test_vision_language_points_count_encoder_images_and_calls(tmp_path):
         assert p["image_tokens"] > 0 and p["tokens_per_step"] == p["total_tokens"] / p["steps"]
     write_outputs(result, tmp_path)
     assert "| config | tokens/step | encoder images | encoder calls |" in (tmp_path / "bench.md").read_text()
+
+
+def test_vs_trl_report_lists_every_baseline(tmp_path):
+    """The --vs-trl table: one row per TRL run with pptrain's ratios; a missing or failed run is
+    named, not dropped."""
+    from bench_report import write_vs_trl
+
+    result = {"torch": "x", "overrides": ["model=tiny"],
+              "pptrain": {"pairs_per_s": 4.0, "mfu": 0.4, "peak_rss_mib": 1000.0, "speedup_vs_trl_defaults": 8.0,
+                          "rss_vs_trl_defaults": 0.5},
+              "trl_defaults": {"pairs_per_s": 0.5, "mfu": 0.1, "peak_rss_mib": 2000.0},
+              "trl_precompute": {"error": "boom"}}
+    table = (Path(write_vs_trl(result, tmp_path)["markdown"])).read_text()
+    assert "| TRL defaults, pptrain's precision | 0.50 | 10.0% | 2000 | 8.00x | 0.50x |" in table
+    assert "| TRL defaults (its bf16 mixed precision) | not run |" in table
+    assert "| TRL precompute_ref_log_probs, pptrain's precision | boom |" in table
