@@ -97,3 +97,16 @@ def test_one_process_trains_alike_under_zero_stage_0_and_3(tmp_path):
         for key in keys:
             assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(b[key])), (a["step"], key, a[key], b[key])
     assert losses(plain)[0] == losses(zero3)[0] == 0.6931471805599453  # step 1 is at the reference: exact
+
+
+def test_gradient_checkpointing_changes_no_number(tmp_path):
+    """The CPU default recomputes each layer's activations in the backward: the same kernels on
+    the same inputs, so the losses and metrics equal a run that keeps them, bit for bit."""
+    assert compose([]).trainer.gradient_checkpointing is True
+    keys = ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm")
+    on = train(compose(BASE + ["trainer.gradient_checkpointing=true"]), tmp_path / "on")
+    off = train(compose(BASE + ["trainer.gradient_checkpointing=false"]), tmp_path / "off")
+    assert len(losses(on)) == len(losses(off)) == 3
+    for a, b in zip(on, off):
+        for key in keys:
+            assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
