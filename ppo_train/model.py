@@ -75,30 +75,24 @@ def model_config(cfg: DictConfig, vocab_size: int | None = None, extra: dict | N
                                       trust_remote_code=cfg.trust_remote_code)
 
 
-def is_vision_model(cfg: DictConfig) -> bool:
-    """Whether `model` configures a vision-language model (reads no weights)."""
-    if cfg.name_or_path is None:
-        return "vision_config" in cfg.from_config
-    try:
-        return is_vision_config(model_config(cfg))
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load the config of model {cfg.name_or_path!r}: {err}") from err
-
-
 def load_vision(cfg: DictConfig, tokenizer):
     """What tokenizing and collating image rows needs (a data.tokenize.VisionText), or None for a
     text model: the processor of `model.processor` (default: model.tokenizer, then
-    model.name_or_path) and, for an M-RoPE model, its position rule."""
+    model.name_or_path) and, for an M-RoPE model, its position rule. Reads no weights."""
     from ppo_train.data.tokenize import VisionText
 
-    if not is_vision_model(cfg):
+    try:
+        config = model_config(cfg, len(tokenizer))
+    except (OSError, ValueError) as err:
+        source = repr(cfg.name_or_path) if cfg.name_or_path else "model.from_config"
+        raise ModelLoadError(f"cannot load the config of model {source}: {err}") from err
+    if not is_vision_config(config):
         return None
     processor = load_processor(cfg.processor or cfg.tokenizer or cfg.name_or_path, cfg.revision,
                                cfg.trust_remote_code)
     if len(processor.tokenizer) != len(tokenizer):
         raise ModelLoadError(f"model.processor's tokenizer has {len(processor.tokenizer)} tokens and model.tokenizer "
                              f"{len(tokenizer)}; give one folder for both")
-    config = model_config(cfg, len(tokenizer))
     token = getattr(processor, "image_token_id", None)
     if getattr(config, "image_token_id", None) != token:
         raise ModelLoadError(f"the model's image_token_id is {getattr(config, 'image_token_id', None)} and its "

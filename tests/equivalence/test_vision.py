@@ -30,6 +30,7 @@ from ppo_train.losses import dpo_loss
 from ppo_train.model import image_inputs, load_causal_lm, load_tokenizer, load_vision
 from ppo_train.scoring import PolicyModule, Scorer, static_shapes
 from ppo_train.vision import open_image, vision_tower
+from tests.equivalence.test_shared_vs_paired import _compare
 
 PACKINGS = {
     "none": OmegaConf.create({"name": "none", "pad_multiple": 64}),
@@ -142,12 +143,6 @@ def _rows_with_mixed_sizes(units, mb) -> int:
                  if piece.lo <= lo < piece.hi for r in refs}
         mixed += len(sizes) >= 2
     return mixed
-
-
-def _compare(got: dict, want: dict, tol: float, what: str) -> None:
-    assert got.keys() == want.keys(), f"{what}: responses differ: {set(got) ^ set(want)}"
-    diffs = torch.tensor([abs(got[k] - want[k]) for k in want])
-    assert diffs.max() <= tol, f"{what}: max |diff| {diffs.max():.3g}, mean {diffs.mean():.3g} (tol {tol})"
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "llava"])

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.equivalence.test_vision import _compare, flex_image_logps, image_examples, model_of, separate_logps, tokenized
+from tests.equivalence.test_shared_vs_paired import _compare
+from tests.equivalence.test_vision import flex_image_logps, image_examples, model_of, separate_logps, tokenized
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
