@@ -1,8 +1,18 @@
 """Per-response log-probs from hidden states: explicit target positions, chunked output head.
 
-Peak memory of the head is one chunk of logits, (chunk, vocab) in fp32, not
-(tokens, vocab): each chunk is recomputed in the backward (activation checkpointing)
-instead of keeping its logits alive. Only response positions are projected.
+Only response positions are projected, in chunks of `chunk` tokens. Two implementations of
+the same function:
+
+- a plain `torch.nn.Linear` head whose weight is a whole tensor (every case except ZeRO-3,
+  LoRA on the head or a biased head) goes through `LinearLogProbs`, one autograd function that
+  writes each chunk's logits into one buffer and turns them into probabilities in place: the
+  backward is `(softmax - onehot)` times the head's two matmuls, with no (tokens, vocab)
+  temporaries beyond that buffer. With `recompute` the buffer is one chunk and the backward
+  recomputes each chunk's logits (peak memory one chunk); without, it holds every response
+  token's probabilities until the backward (no second head matmul).
+- any other head (a ZeRO-3 partitioned weight, which only the module's own hooks can gather; a
+  LoRA-wrapped or biased head) is called as a module, chunk by chunk, under activation
+  checkpointing when `recompute`.
 """
 
 from __future__ import annotations
@@ -26,6 +36,80 @@ class ResponseLogps:
         return ResponseLogps(self.sums.detach(), self.counts.detach())
 
 
+def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out (n, V) fp32 <- hidden (n, H) @ weight (V, H)^T, computed in the weight's dtype."""
+    if weight.dtype == torch.float32:
+        return torch.mm(hidden, weight.t(), out=out)
+    return out.copy_(hidden @ weight.t())
+
+
+def _exp_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place: logits (n, V) -> exp(logits - max); returns (target logit, logsumexp, row sums)."""
+    picked = logits.gather(-1, targets[:, None]).squeeze(-1)
+    top = logits.amax(-1)
+    total = logits.sub_(top[:, None]).exp_().sum(-1)
+    return picked, top + total.log(), total
+
+
+class LinearLogProbs(torch.autograd.Function):
+    """log_softmax(hidden @ weight^T)[i, targets[i]] for each row, in fp32, chunked."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                recompute: bool) -> torch.Tensor:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        out = hidden.new_empty(n, dtype=torch.float32)
+        lse = hidden.new_empty(n, dtype=torch.float32)
+        keep = None if recompute else hidden.new_empty(n, vocab, dtype=torch.float32)
+        buf = hidden.new_empty(min(chunk, n), vocab, dtype=torch.float32) if recompute else None
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            logits = _logits_into(buf[:e - s] if recompute else keep[s:e], hidden[s:e], weight)
+            picked, lse[s:e], total = _exp_(logits, targets[s:e])
+            out[s:e] = picked - lse[s:e]
+            if not recompute:  # keep the probabilities for the backward
+                logits.div_(total[:, None])
+        ctx.recompute, ctx.chunk = recompute, chunk
+        ctx.save_for_backward(hidden, weight, targets, lse, keep)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, targets, lse, keep = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n, chunk = hidden.shape[0], ctx.chunk
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = None  # the first chunk's product, then accumulated into (no zero-filled buffer)
+        buf = hidden.new_empty(min(chunk, n), weight.shape[0], dtype=torch.float32) if ctx.recompute and n else None
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            if ctx.recompute:
+                probs = _logits_into(buf[:e - s], hidden[s:e], weight)
+                probs.sub_(lse[s:e, None]).exp_()
+            else:
+                probs = keep[s:e]  # consumed: this backward cannot run twice (no retain_graph)
+            # d log p[t] / d logits = onehot(t) - softmax; the upstream gradient scales rows,
+            # applied to the (n, H) sides of the matmuls instead of the (n, V) block
+            probs[torch.arange(e - s, device=probs.device), targets[s:e]] -= 1.0
+            g = -grad_out[s:e, None]
+            if want_h:
+                grad_h[s:e] = (probs.to(weight.dtype) @ weight) * g.to(hidden.dtype)
+            if want_w and weight.dtype == torch.float32:
+                grad_w = probs.t() @ (hidden[s:e] * g) if grad_w is None else \
+                    grad_w.addmm_(probs.t(), hidden[s:e] * g)
+            elif want_w:  # the matmul in the model's dtype, the sum over chunks in fp32
+                part = (probs.to(weight.dtype).t() @ (hidden[s:e] * g.to(hidden.dtype))).float()
+                grad_w = part if grad_w is None else grad_w.add_(part)
+        if want_w and grad_w is None:  # no response tokens: a zero gradient keeps the head in the graph
+            grad_w = torch.zeros_like(weight)
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
+
+
+def fusable(head: torch.nn.Module) -> bool:
+    """A plain linear head without bias whose weight is a whole tensor (not ZeRO-3 partitioned)."""
+    return type(head) is torch.nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id")
+
+
 def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
     logits = head(hidden).float()  # (n, V) for one chunk only
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -40,9 +124,14 @@ def token_logps(hidden: torch.Tensor, pred_index: torch.Tensor, targets: torch.T
     `num_chunks` >= ceil(T / chunk) makes exactly that many head calls: the extra ones run on
     one real row and add 0 to the result. Under ZeRO-3 every head call gathers the head's
     weights collectively, so all ranks must make the same number of calls (train.py passes the
-    maximum over ranks); otherwise ranks with fewer response tokens would wait forever.
+    maximum over ranks); otherwise ranks with fewer response tokens would wait forever. The
+    fused head gathers nothing and makes one call.
     """
     flat = hidden.reshape(-1, hidden.shape[-1])
+    if fusable(head):
+        grads = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+        return LinearLogProbs.apply(flat.index_select(0, pred_index), head.weight, targets, chunk,
+                                    recompute or not grads)
     n = pred_index.shape[0]
     own = -(-n // chunk)
     parts, extra = [], None

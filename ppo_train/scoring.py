@@ -25,7 +25,7 @@ from ppo_train.data.layout import Unit
 from ppo_train.data.packing import MicroBatch, round_up
 from ppo_train.dist import SINGLE, DistInfo, reduce
 from ppo_train.errors import ModelLoadError
-from ppo_train.logps import ResponseLogps, sum_per_response, token_logps
+from ppo_train.logps import ResponseLogps, fusable, sum_per_response, token_logps
 from ppo_train.masks import build_mask, resolve_backend
 
 
@@ -62,10 +62,13 @@ class PolicyModule(torch.nn.Module):
             # only; ZeRO-1/2 and plain data parallelism reduce gradients by hooks, so every rank
             # must produce the same set (zeros here)
             hidden = hidden + 0.0 * sum(p.sum() for p in self.image_params)
-        # the same number of head calls on every rank (ZeRO-3 gathers the head at each call);
-        # at least one, so an empty micro-batch keeps the head in the graph too
-        own = max(1, -(-pred_index.numel() // self.logits_chunk))
-        chunks = int(reduce(torch.tensor([own]), self.dist, "max").item())
+        # the module path (a ZeRO-3 head is gathered at each call): the same number of head calls
+        # on every rank, at least one, so an empty micro-batch keeps the head in the graph too;
+        # the fused head makes one call whatever the token count
+        chunks = 1
+        if not fusable(head):
+            own = max(1, -(-pred_index.numel() // self.logits_chunk))
+            chunks = int(reduce(torch.tensor([own]), self.dist, "max").item())
         with record_function("pptrain.head"):
             lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk, chunks, self.recompute)
         out = sum_per_response(lps, target_response, num_responses)
