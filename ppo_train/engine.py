@@ -3,6 +3,7 @@ schedule), backward, step, checkpoint save/load and the final export."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -103,8 +104,14 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed averages gradients over ranks; our loss is already normalized by the
         # global pair count, so undo the average by scaling with the world size.
-        with record_function("pptrain.backward"):
+        with record_function("pptrain.backward"), self._local():
             self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+
+    def _local(self):
+        """One process at ZeRO stage 0 has nothing to reduce: DeepSpeed would still flatten every
+        gradient into one buffer, all-reduce it over one rank, multiply by 1 and copy it back
+        (a cat and a copy of the whole model per optimizer step; the same bits)."""
+        return self.engine.no_sync() if self.stage == 0 and self.dist.world_size == 1 else contextlib.nullcontext()
 
     def step(self) -> bool:
         """After every micro-batch; DeepSpeed applies the update at the accumulation boundary.
@@ -135,9 +142,12 @@ class Engine:
     def _grads_finite(self) -> bool:
         if self.stage != 0:
             return True
-        # one device sync for the whole model, not one per parameter
-        flags = [torch.isfinite(p.grad).all() for p in self.module.parameters() if p.grad is not None]
-        return bool(torch.stack(flags).all()) if flags else True
+        # one pass over the gradients (torch's fused per-tensor norms) and one device sync: the
+        # norm is finite exactly when every gradient is, except that a sum of squares beyond the
+        # dtype's range (fp32 entries above about 1.8e19) counts as non-finite too; gradient
+        # clipping could not use such a norm either
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])

@@ -21,6 +21,7 @@ from ppo_train.errors import ConfigError, NonFiniteLoss
 from ppo_train.losses import LOSSES
 from ppo_train.metrics import MetricsWriter, StepMetrics, summary_table
 from ppo_train.flops import Utilization
+from ppo_train.hostmem import keep_freed_memory
 from ppo_train.model import build_policy, dtype_of, image_inputs, load_tokenizer, lora_writer
 from ppo_train.reference import build_references
 from ppo_train.scoring import Scorer
@@ -31,6 +32,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     """Train as configured; returns the metrics rows (rank 0) and writes the run directory."""
     run_dir, t, loss = Path(run_dir), cfg.trainer, LOSSES[cfg.loss.name]
     dist = init_distributed(t.device)
+    if t.keep_freed_memory and dist.device.type == "cpu":
+        keep_freed_memory()
     seed_everything(t.seed)
     resuming = checkpoint.will_resume(run_dir, t.resume)  # every rank: a refusal stops them all
 

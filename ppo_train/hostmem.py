@@ -1,0 +1,40 @@
+"""Host memory: keep freed memory inside the process instead of handing it back to the OS.
+
+glibc's malloc serves blocks above a threshold (32 MiB at most) with fresh `mmap`s and trims
+the top of its heap when freed memory piles up there. A training step on the CPU frees and
+re-allocates the same activation-sized blocks (tens to hundreds of MiB) every micro-batch, so
+each allocation page-faults its memory in again, zero-filled by the kernel: measured on a 50M
+Llama step, a (4096 x 512) @ (512 x 1536) matmul into fresh memory took 43 ms against 26 ms into
+reused memory, and elementwise ops on (8, 512, 1536) blocks 27 ms against 11 ms.
+
+`keep_freed_memory()` sets glibc's `M_MMAP_MAX` to 0 (every block from the heap, none from
+`mmap`) and `M_TRIM_THRESHOLD` to 2 GiB, the most `mallopt` takes (freed memory stays with the process and is reused by
+the next micro-batch). The process's peak memory does not rise with it (it is the same blocks,
+reused); memory freed after the peak is kept until the process ends. It is the in-process form
+of what the usual advice for PyTorch on CPUs reaches with `LD_PRELOAD` of jemalloc or tcmalloc.
+`trainer.keep_freed_memory` (on in `trainer=cpu`) turns it on; it is a no-op off glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+KEEP_BYTES = 2**31 - 1  # mallopt takes an int
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc's malloc as described above; False where there is no glibc `mallopt`."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trimmed = mallopt(M_TRIM_THRESHOLD, KEEP_BYTES)
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(trimmed)
