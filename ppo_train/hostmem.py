@@ -8,11 +8,14 @@ Llama step, a (4096 x 512) @ (512 x 1536) matmul into fresh memory took 43 ms ag
 reused memory, and elementwise ops on (8, 512, 1536) blocks 27 ms against 11 ms.
 
 `keep_freed_memory()` sets glibc's `M_MMAP_MAX` to 0 (every block from the heap, none from
-`mmap`) and `M_TRIM_THRESHOLD` to 2 GiB, the most `mallopt` takes (freed memory stays with the process and is reused by
-the next micro-batch). The process's peak memory does not rise with it (it is the same blocks,
-reused); memory freed after the peak is kept until the process ends. It is the in-process form
-of what the usual advice for PyTorch on CPUs reaches with `LD_PRELOAD` of jemalloc or tcmalloc.
-`trainer.keep_freed_memory` (on in `trainer=cpu`) turns it on; it is a no-op off glibc.
+`mmap`) and `M_TRIM_THRESHOLD` to 2 GiB, the most `mallopt` takes: freed memory stays with the
+process and serves the next micro-batch. train() turns it on when the training loop starts, so
+the start-up's one-off blocks (data, model load, reference pass) are returned as usual. The
+cost is memory that stays with the process: on a 50M Llama step the peak stayed within 5%
+(2298-2484 MiB against 2274-2363); on the default job (tiny model, 58 steps) it rose from 1248 to
+1490 MiB while the job took 50.4 s instead of 56.2 s. It is the in-process form of the usual
+advice for PyTorch on CPUs, an `LD_PRELOAD` of jemalloc or tcmalloc. `trainer.keep_freed_memory`
+(on in `trainer=cpu`; false when memory is tight) turns it on; off glibc it does nothing.
 """
 
 from __future__ import annotations

@@ -32,8 +32,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     """Train as configured; returns the metrics rows (rank 0) and writes the run directory."""
     run_dir, t, loss = Path(run_dir), cfg.trainer, LOSSES[cfg.loss.name]
     dist = init_distributed(t.device)
-    if t.keep_freed_memory and dist.device.type == "cpu":
-        keep_freed_memory()
     seed_everything(t.seed)
     resuming = checkpoint.will_resume(run_dir, t.resume)  # every rank: a refusal stops them all
 
@@ -66,6 +64,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     live = cfg.reference.live and reference is not None
     utilization = Utilization.measure(engine.module.model, loss.reward_head, live, dist.device, dtype_of(t.precision))
     stop, skipped, done, began = StopRequest(), 0, start or 0, time.perf_counter()
+    if t.keep_freed_memory and dist.device.type == "cpu":
+        keep_freed_memory()  # for the training loop's recurring blocks, after the start-up's one-off ones
     engine.train()
     for step in schedule.steps(done):
         tracker = StepMetrics(utilization)

@@ -158,6 +158,7 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     from ppo_train.data.schedule import Schedule
     from ppo_train.dist import SINGLE, device_for
     from ppo_train.flops import FlopCounter, ModelShape, calibrate_peak
+    from ppo_train.hostmem import keep_freed_memory
     from ppo_train.losses import LOSSES
     from ppo_train.model import build_policy, dtype_of, image_inputs, load_tokenizer
     from ppo_train.reference import compute_table
@@ -170,6 +171,8 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     if loss.reward_head:
         raise ValueError(f"loss={cfg.loss.name}: the benchmark trains causal-LM losses only")
     device = device_for(cfg.trainer.device)
+    if cfg.trainer.keep_freed_memory and device.type == "cpu":
+        keep_freed_memory()  # as train() does
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model)
     examples, data, _ = comparable_examples(cfg, tokenizer)
