@@ -9,7 +9,9 @@ reused memory, and elementwise ops on (8, 512, 1536) blocks 27 ms against 11 ms.
 
 `keep_freed_memory()` sets glibc's `M_MMAP_MAX` to 0 (every block from the heap, none from
 `mmap`) and `M_TRIM_THRESHOLD` to 2 GiB, the most `mallopt` takes: freed memory stays with the
-process and serves the next micro-batch. train() turns it on when the training loop starts, so
+process and serves the next micro-batch (most of the time: a freed chunk of exactly the size
+asked for does not fit an aligned request, so the heap sometimes grows instead; on a step-like
+allocation pattern 15% of the default's page faults remain). train() turns it on when the training loop starts, so
 the start-up's one-off blocks (data, model load, reference pass) are returned as usual. The
 cost is memory that stays with the process: on a 50M Llama step the peak stayed within 5%
 (2298-2484 MiB against 2274-2363); on the default job (tiny model, 58 steps) it rose from 1248 to

@@ -51,26 +51,32 @@ def test_the_finiteness_check_sees_any_bad_gradient_entry(entry, finite):
     assert engine._grads_finite() is finite
 
 
-def test_keep_freed_memory_stops_the_page_faults_of_a_reallocated_block():
-    """A 256 MiB block freed and allocated again: glibc's default returns it to the OS (mmap),
-    so every page faults in again; with keep_freed_memory it comes back from the heap."""
+def test_keep_freed_memory_stops_most_page_faults_of_recurring_blocks():
+    """A step-like pattern (two activation-sized blocks and a result, freed together) repeated:
+    glibc's default returns the blocks to the OS (mmap), so every page faults in again each
+    time; with keep_freed_memory they come back from the heap. Not all of them every time:
+    a freed chunk of exactly the size asked for does not fit an aligned request (posix_memalign
+    asks for the size plus the alignment), so the heap sometimes grows instead (measured: 0 to
+    32768 faults per cycle against 40963)."""
     script = textwrap.dedent("""
         import resource, sys, torch
         from ppo_train.hostmem import keep_freed_memory
         if sys.argv[1] == "keep":
             assert keep_freed_memory()
-        def faults_of_one_block():
+        def faults_of_one_cycle():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            torch.ones(64 << 20)  # 256 MiB, written and freed
+            a, b = torch.ones(16 << 20), torch.ones(8 << 20)  # 64 + 32 MiB
+            c = a + 1
+            del a, b, c
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-        faults_of_one_block()
-        print(min(faults_of_one_block() for _ in range(3)))
+        faults_of_one_cycle()
+        print(sum(faults_of_one_cycle() for _ in range(12)))
     """)
     faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("default", "keep")}
-    pages = (256 << 20) // 4096
-    assert faults["default"] > pages // 2, faults  # each page of the block faulted in again
-    assert faults["keep"] < pages // 20, faults
+    pages = 12 * (160 << 20) // 4096  # 12 cycles of 160 MiB
+    assert faults["default"] > pages * 0.9, faults  # each page of each block faulted in again
+    assert faults["keep"] < faults["default"] * 0.5, faults
     assert compose([]).trainer.keep_freed_memory is True  # on in the CPU trainer defaults
 
 
