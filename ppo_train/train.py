@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_train import checkpoint, fileio
+from ppo_train import checkpoint, fileio, hostmem
 from ppo_train.data.pipeline import PreparedData, prepare
 from ppo_train.data.schedule import Schedule, Step
 from ppo_train.dist import DistInfo, all_ranks, init_distributed
@@ -21,7 +21,6 @@ from ppo_train.errors import ConfigError, NonFiniteLoss
 from ppo_train.losses import LOSSES
 from ppo_train.metrics import MetricsWriter, StepMetrics, summary_table
 from ppo_train.flops import Utilization
-from ppo_train.hostmem import keep_freed_memory
 from ppo_train.model import build_policy, dtype_of, image_inputs, load_tokenizer, lora_writer
 from ppo_train.reference import build_references
 from ppo_train.scoring import Scorer
@@ -64,8 +63,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     live = cfg.reference.live and reference is not None
     utilization = Utilization.measure(engine.module.model, loss.reward_head, live, dist.device, dtype_of(t.precision))
     stop, skipped, done, began = StopRequest(), 0, start or 0, time.perf_counter()
-    if t.keep_freed_memory and dist.device.type == "cpu":
-        keep_freed_memory()  # for the training loop's recurring blocks, after the start-up's one-off ones
+    hostmem.for_training(t, dist.device)  # the loop's recurring blocks, after the start-up's one-off ones
     engine.train()
     for step in schedule.steps(done):
         tracker = StepMetrics(utilization)

@@ -158,7 +158,7 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     from ppo_train.data.schedule import Schedule
     from ppo_train.dist import SINGLE, device_for
     from ppo_train.flops import FlopCounter, ModelShape, calibrate_peak
-    from ppo_train.hostmem import keep_freed_memory
+    from ppo_train.hostmem import for_training
     from ppo_train.losses import LOSSES
     from ppo_train.model import build_policy, dtype_of, image_inputs, load_tokenizer
     from ppo_train.reference import compute_table
@@ -171,8 +171,6 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     if loss.reward_head:
         raise ValueError(f"loss={cfg.loss.name}: the benchmark trains causal-LM losses only")
     device = device_for(cfg.trainer.device)
-    if cfg.trainer.keep_freed_memory and device.type == "cpu":
-        keep_freed_memory()  # as train() does
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model)
     examples, data, _ = comparable_examples(cfg, tokenizer)
@@ -189,6 +187,7 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     reference = compute_table(module, scorer, schedule, SINGLE, "bench") if loss.needs_reference else None
     optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
+    for_training(t, device)  # as train() does: after the start-up, before the training passes
     return {"cfg": cfg, "device": device, "backend": scorer.backend, "units": units, "plans": plans,
             "module": module, "optimizer": optimizer, "reference": reference, "loss": loss, "scorer": scorer,
             "reference_s": time.perf_counter() - start, "rss_before_model_mib": rss_before_model,

@@ -52,7 +52,8 @@ def pptrain_default(overrides: list[str], steps: int) -> dict:
     seconds = sum(r["step_seconds"] for r in timed)
     return {"pairs_per_s": sum(r["pairs"] for r in timed) / seconds, "steps": len(timed),
             "mfu": sum(r["mfu"] * r["step_seconds"] for r in timed) / seconds,
-            "peak_rss_mib": usage.ru_maxrss / 1024, "peak_gflops": rows[-1].get("peak_flops_per_s", 0) / 1e9, "pairs_per_step": sum(r["pairs"] for r in timed) / len(timed),
+            "peak_rss_mib": usage.ru_maxrss / 1024, "peak_gflops": rows[-1].get("peak_flops_per_s", 0) / 1e9,
+            "pairs_per_step": sum(r["pairs"] for r in timed) / len(timed),
             "examples": report["train_examples"]}
 
 
