@@ -207,8 +207,8 @@ class PackingConfig:
     # ffd: token budget per row (a multiple of pad_multiple); null = auto: the data's longest
     # unit, rounded up, but at least 512 (resolved after tokenization; see data/packing.py)
     row_tokens: Optional[int] = None
-    # ffd: rows per micro-batch; null = auto: about 4096 tokens per micro-batch on the CPU,
-    # 8192 on a GPU
+    # ffd: rows per micro-batch; null = auto: about 1024 tokens per micro-batch on the CPU (and
+    # an auto trainer.grad_accum of about 4096 tokens per step), 8192 on a GPU
     rows_per_batch: Optional[int] = None
     pad_multiple: int = 128  # rows are padded to a multiple of this
 
@@ -246,7 +246,10 @@ class TrainerConfig:
     max_steps: int = -1  # > 0 overrides epochs
     epochs: int = 1
     micro_batch_size: int = 2  # prompts per micro-batch (packing none/sorted)
-    grad_accum: int = 1  # micro-batches per optimizer step, per rank
+    # micro-batches per optimizer step, per rank; null = auto: 1, or with packing=ffd and an auto
+    # rows_per_batch, as many as make about 4096 tokens per step on the CPU (micro-batches of
+    # 1024), 8192 on a GPU (one micro-batch); see data/packing.py
+    grad_accum: Optional[int] = None
     lr: float = 5.0e-7
     weight_decay: float = 0.0
     adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -272,7 +275,9 @@ class TrainerConfig:
     save_model: bool = True
 
     def problems(self) -> list[str]:
-        out = _positive("trainer", self, "epochs", "micro_batch_size", "grad_accum", "log_every")
+        out = _positive("trainer", self, "epochs", "micro_batch_size", "log_every")
+        if self.grad_accum is not None and self.grad_accum <= 0:
+            out.append(f"trainer.grad_accum={self.grad_accum!r}: expected a positive integer or null (auto)")
         if str(self.zero_stage) not in ZERO_STAGES:
             out.append(f"trainer.zero_stage={self.zero_stage!r}: expected one of {list(ZERO_STAGES)}")
         if self.offload_params and str(self.zero_stage) not in ("auto", "3"):

@@ -24,7 +24,16 @@ def zero_stage(t: DictConfig, world_size: int) -> int:
     return int(t.zero_stage)
 
 
-def deepspeed_config(t: DictConfig, world_size: int) -> dict:
+def deepspeed_config(t: DictConfig, world_size: int, loading: bool = False) -> dict:
+    """The DeepSpeed config of a run. An auto `trainer.grad_accum` (null) must have been resolved
+    from the data (data.packing.resolve_budget) unless the config only builds a model
+    (`loading`: partitioning needs no batch size, so 1 stands in)."""
+    accum = t.grad_accum
+    if accum is None:
+        if not loading:
+            raise ValueError("trainer.grad_accum is auto (null): resolve it from the data's units first "
+                             "(data.packing.resolve_budget, which prepare() calls)")
+        accum = 1
     stage = zero_stage(t, world_size)
     zero: dict = {"stage": stage}
     if stage == 3:
@@ -39,8 +48,8 @@ def deepspeed_config(t: DictConfig, world_size: int) -> dict:
         # Our micro-batches hold a variable number of pairs; DeepSpeed's batch size is
         # nominal (1 per micro-batch) and the loss is normalized by train.py itself.
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.grad_accum * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": accum * world_size,
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": str(t.precision) == "bf16"},
@@ -53,7 +62,7 @@ def deepspeed_config(t: DictConfig, world_size: int) -> dict:
 
 def zero3_config(t: DictConfig, world_size: int) -> dict | None:
     """The DeepSpeed config under which models are built partitioned (ZeRO-3), else None."""
-    return deepspeed_config(t, world_size) if zero_stage(t, world_size) == 3 else None
+    return deepspeed_config(t, world_size, loading=True) if zero_stage(t, world_size) == 3 else None
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):

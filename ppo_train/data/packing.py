@@ -86,33 +86,49 @@ def first_fit_decreasing(lengths: list[int], capacity: int, order: np.ndarray) -
     return bins
 
 
-# The ffd budget chosen when packing.row_tokens / rows_per_batch are null (auto). Measured on 2 CPU
-# cores (52M Llama, 49k vocabulary, 48 HH-RLHF pairs, the real trainer, head recomputed): rows of
-# 512 tokens were at least as fast as longer ones at equal tokens per micro-batch (512 x 2: 2.80
-# pairs/s, 1024 x 1: 2.69; 512 x 4: 3.24, 1024 x 2: 3.16, 2048 x 1: 2.53), and throughput rose
-# with tokens per micro-batch (512 x 1: 2.07, x 2: 2.80, x 4: 3.24, x 6: 3.88, x 8: 3.80; peak RSS
-# 1.9 -> 4.2 GiB); without the head's recomputation (the CPU default) 512 x 4: 3.87, x 8: 4.32.
-# 4096 tokens per micro-batch is the knee. On a GPU (not measured here) FlexAttention skips masked
-# blocks, so attention costs the visible pairs, not L^2: longer rows pack tighter at no attention
-# cost, and 8192 tokens per micro-batch is what a 7-8B model with gradient checkpointing holds on
-# an 80 GB device.
+# The ffd budget chosen when packing.row_tokens / rows_per_batch / trainer.grad_accum are null
+# (auto). An optimizer step holds about AUTO_TOKENS_PER_STEP tokens per rank, trained as
+# micro-batches of about AUTO_TOKENS_PER_MICRO_BATCH tokens (gradients accumulated in between).
+# Measured on 2 CPU cores (52M Llama, 49k vocabulary, 48 HH-RLHF pairs, the real trainer):
+# - rows of 512 tokens were at least as fast as longer ones at equal tokens per micro-batch
+#   (512 x 2: 2.80 pairs/s, 1024 x 1: 2.69; 512 x 4: 3.24, 1024 x 2: 3.16, 2048 x 1: 2.53);
+# - 4096 tokens per step: in one micro-batch, throughput rose with its size to the knee at 4096
+#   (512 x 1: 2.07, x 2: 2.80, x 4: 3.24, x 6: 3.88, x 8: 3.80 pairs/s);
+# - the same 4096-token step without gradient checkpointing (README, "Measurements"), one run:
+#   512 x 8 rows with checkpointing (the former default) 4.60 pairs/s, 2385 MiB peak RSS;
+#   without it, 512 x 4 rows x 2 micro-batches 5.45 pairs/s, 2883-3034 MiB; 512 x 2 x 4
+#   5.08, 2305 MiB; 512 x 1 x 8 4.44, 2075 MiB. 1024 tokens per micro-batch holds the memory
+#   of the checkpointed 4096 without recomputing anything, so the CPU trains without it.
+# The step keeps the 4096 tokens (the same rows per step as one 4096-token micro-batch: the
+# plan cuts consecutive rows, so the losses are those of the single micro-batch, summed in
+# another order). On a GPU (not measured here) FlexAttention skips masked blocks, so attention
+# costs the visible pairs, not L^2: longer rows pack tighter at no attention cost, and 8192
+# tokens per micro-batch is what a 7-8B model with gradient checkpointing holds on an 80 GB
+# device; one micro-batch per step there.
 MIN_ROW_TOKENS = 512
-AUTO_TOKENS_PER_MICRO_BATCH = {"cpu": 4096, "cuda": 8192}
+AUTO_TOKENS_PER_STEP = {"cpu": 4096, "cuda": 8192}
+AUTO_TOKENS_PER_MICRO_BATCH = {"cpu": 1024, "cuda": 8192}
 
 
-def resolve_budget(packing, lengths: list[int], device_type: str) -> list[str]:
-    """Fill packing.row_tokens / rows_per_batch left null (auto) from the units' lengths, in
-    place; returns what was chosen (for a log line)."""
+def resolve_budget(packing, lengths: list[int], device_type: str, trainer=None) -> list[str]:
+    """Fill packing.row_tokens / rows_per_batch and trainer.grad_accum left null (auto) from
+    the units' lengths, in place; returns what was chosen (for a log line). An auto grad_accum
+    is 1 unless rows_per_batch is auto too (ffd), where it makes the step about
+    AUTO_TOKENS_PER_STEP tokens per rank."""
     chosen = []
-    if packing.name != "ffd":
-        return chosen
-    if packing.row_tokens is None:
+    auto_rows = packing.name == "ffd" and packing.rows_per_batch is None
+    if packing.name == "ffd" and packing.row_tokens is None:
         packing.row_tokens = max(MIN_ROW_TOKENS, round_up(max(lengths, default=1), packing.pad_multiple))
         chosen.append(f"packing.row_tokens={packing.row_tokens} (longest unit {max(lengths, default=0)} tokens)")
-    if packing.rows_per_batch is None:
-        target = AUTO_TOKENS_PER_MICRO_BATCH.get(device_type, AUTO_TOKENS_PER_MICRO_BATCH["cpu"])
-        packing.rows_per_batch = max(1, target // packing.row_tokens)
+    kind = device_type if device_type in AUTO_TOKENS_PER_STEP else "cpu"
+    if auto_rows:
+        packing.rows_per_batch = max(1, AUTO_TOKENS_PER_MICRO_BATCH[kind] // packing.row_tokens)
         chosen.append(f"packing.rows_per_batch={packing.rows_per_batch}")
+    if trainer is not None and trainer.grad_accum is None:
+        step_rows = max(1, AUTO_TOKENS_PER_STEP[kind] // packing.row_tokens) if auto_rows else 1
+        trainer.grad_accum = max(1, step_rows // packing.rows_per_batch) if auto_rows else 1
+        if auto_rows:
+            chosen.append(f"trainer.grad_accum={trainer.grad_accum}")
     return chosen
 
 

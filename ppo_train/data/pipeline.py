@@ -105,7 +105,8 @@ def prepare(cfg: DictConfig, tokenizer) -> PreparedData:
         eval_tokenized = [ex for i, ex in enumerate(tokenized) if i in held]
         tokenized = [ex for i, ex in enumerate(tokenized) if i not in held]
     units, eval_units = build_units(tokenized, cfg.layout.name), build_units(eval_tokenized, cfg.layout.name)
-    chosen = resolve_budget(cfg.packing, [u.length for u in units + eval_units], device_for(cfg.trainer.device).type)
+    chosen = resolve_budget(cfg.packing, [u.length for u in units + eval_units], device_for(cfg.trainer.device).type,
+                            cfg.trainer)
     if chosen:
         print(f"pptrain: packing=ffd, auto budget: {', '.join(chosen)}", file=sys.stderr)
     units, tokenized, dropped = _fits(units, tokenized, cfg)

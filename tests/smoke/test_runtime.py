@@ -13,7 +13,7 @@ from ppo_train.cli import compose
 from ppo_train.train import train
 
 BASE = ["dataset.num_rows=40", "trainer.max_steps=3", "logging.progress=false", "run_name=t",
-        "trainer.save_model=false", "packing.row_tokens=1024"]
+        "trainer.save_model=false", "packing.row_tokens=1024", "packing.rows_per_batch=4"]  # one micro-batch a step
 
 
 def losses(rows):
@@ -100,9 +100,11 @@ def test_one_process_trains_alike_under_zero_stage_0_and_3(tmp_path):
 
 
 def test_gradient_checkpointing_changes_no_number(tmp_path):
-    """The CPU default recomputes each layer's activations in the backward: the same kernels on
-    the same inputs, so the losses and metrics equal a run that keeps them, bit for bit."""
-    assert compose([]).trainer.gradient_checkpointing is True
+    """Recomputing each layer's activations in the backward (off in trainer=cpu, on in
+    trainer=gpu) runs the same kernels on the same inputs, so the losses and metrics equal a run
+    that keeps them, bit for bit."""
+    assert compose([]).trainer.gradient_checkpointing is False
+    assert compose(["trainer=gpu"]).trainer.gradient_checkpointing is True
     keys = ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm")
     on = train(compose(BASE + ["trainer.gradient_checkpointing=true"]), tmp_path / "on")
     off = train(compose(BASE + ["trainer.gradient_checkpointing=false"]), tmp_path / "off")

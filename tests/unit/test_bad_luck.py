@@ -216,7 +216,7 @@ def test_nonfinite_gradients_from_a_finite_loss_never_reach_the_weights(policy):
     from ppo_train.engine import Engine
     from ppo_train.errors import NonFiniteLoss
 
-    cfg = compose(["trainer.zero_stage=0", "trainer.lr=0.1", f"trainer.on_nonfinite={policy}"])
+    cfg = compose(["trainer.zero_stage=0", "trainer.grad_accum=1", "trainer.lr=0.1", f"trainer.on_nonfinite={policy}"])
     torch.manual_seed(0)
     engine = Engine(torch.nn.Linear(4, 1), cfg.trainer, 10, init_distributed("cpu"))
     weight = engine.module.weight

@@ -203,3 +203,19 @@ def test_a_user_recipe_folder_is_found_through_hydras_search_path(tmp_path):
     assert compose(["recipe=mine", "packing=ffd"], config_dirs=(tmp_path,)).packing.name == "ffd"
     assert preflight(["--config-dir", str(tmp_path), "recipe=mine"]) == []
     assert any("recipe='mine'" in p for p in preflight(["recipe=mine"]))  # without the folder: unknown
+
+
+def test_auto_grad_accum_is_refused_until_resolved_but_a_model_load_needs_none():
+    """trainer.grad_accum=null is resolved with the data's budget; the engine's DeepSpeed config
+    refuses it unresolved, while building a partitioned model (no batch size involved) takes it."""
+    from ppo_train.engine import deepspeed_config, zero3_config
+
+    t = compose([]).trainer
+    assert t.grad_accum is None
+    with pytest.raises(ValueError, match="trainer.grad_accum is auto"):
+        deepspeed_config(t, 1)
+    assert zero3_config(t, 2)["gradient_accumulation_steps"] == 1
+    t.grad_accum = 4
+    assert deepspeed_config(t, 2)["train_batch_size"] == 8
+    with pytest.raises(ConfigError, match=r"trainer.grad_accum=0: expected a positive integer or null \(auto\)"):
+        validate(compose(["trainer.grad_accum=0"]))

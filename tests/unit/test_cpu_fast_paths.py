@@ -21,7 +21,7 @@ def _engine():
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Tanh(), torch.nn.Linear(48, 8))
-    return Engine(module, compose(["trainer.zero_stage=0"]).trainer, 10, init_distributed("cpu"))
+    return Engine(module, compose(["trainer.zero_stage=0", "trainer.grad_accum=1"]).trainer, 10, init_distributed("cpu"))
 
 
 def test_one_rank_at_stage_0_skips_the_reduction_with_the_same_gradients():

@@ -96,13 +96,60 @@ def test_ffd_packs_tighter_than_none_on_uneven_units():
     assert tokens(ffd) < tokens(none), (tokens(ffd), tokens(none), real)
 
 
+def _auto(row_tokens=None, rows=None):
+    return OmegaConf.create({"name": "ffd", "row_tokens": row_tokens, "rows_per_batch": rows, "pad_multiple": 128})
+
+
 def test_auto_budget_follows_the_longest_unit():
     from ppo_train.data.packing import resolve_budget
 
-    auto = OmegaConf.create({"name": "ffd", "row_tokens": None, "rows_per_batch": None, "pad_multiple": 128})
-    assert resolve_budget(auto, [100, 300], "cpu") and (auto.row_tokens, auto.rows_per_batch) == (512, 8)
-    auto = OmegaConf.create({"name": "ffd", "row_tokens": None, "rows_per_batch": None, "pad_multiple": 128})
-    resolve_budget(auto, [700, 1500], "cuda")
-    assert (auto.row_tokens, auto.rows_per_batch) == (1536, 5)  # 8192 // 1536
-    fixed = OmegaConf.create({"name": "ffd", "row_tokens": 1024, "rows_per_batch": 2, "pad_multiple": 128})
-    assert resolve_budget(fixed, [3000], "cpu") == [] and (fixed.row_tokens, fixed.rows_per_batch) == (1024, 2)
+    auto, trainer = _auto(), OmegaConf.create({"grad_accum": None})
+    assert resolve_budget(auto, [100, 300], "cpu", trainer)
+    assert (auto.row_tokens, auto.rows_per_batch, trainer.grad_accum) == (512, 2, 4)  # 1024 per micro-batch, 4096 per step
+    auto, trainer = _auto(), OmegaConf.create({"grad_accum": None})
+    resolve_budget(auto, [700, 900], "cpu", trainer)
+    assert (auto.row_tokens, auto.rows_per_batch, trainer.grad_accum) == (1024, 1, 4)
+    auto, trainer = _auto(), OmegaConf.create({"grad_accum": None})
+    resolve_budget(auto, [700, 1500], "cpu", trainer)
+    assert (auto.row_tokens, auto.rows_per_batch, trainer.grad_accum) == (1536, 1, 2)  # 4096 // 1536 rows per step
+    auto, trainer = _auto(), OmegaConf.create({"grad_accum": None})
+    resolve_budget(auto, [5000], "cpu", trainer)
+    assert (auto.row_tokens, auto.rows_per_batch, trainer.grad_accum) == (5120, 1, 1)
+    auto, trainer = _auto(), OmegaConf.create({"grad_accum": None})
+    resolve_budget(auto, [700, 1500], "cuda", trainer)
+    assert (auto.row_tokens, auto.rows_per_batch, trainer.grad_accum) == (1536, 5, 1)  # 8192 // 1536, one micro-batch
+    # explicit values are kept; an auto grad_accum beside an explicit rows_per_batch is 1
+    fixed, trainer = _auto(1024, 2), OmegaConf.create({"grad_accum": None})
+    assert resolve_budget(fixed, [3000], "cpu", trainer) == []
+    assert (fixed.row_tokens, fixed.rows_per_batch, trainer.grad_accum) == (1024, 2, 1)
+    auto, trainer = _auto(), OmegaConf.create({"grad_accum": 3})
+    resolve_budget(auto, [100], "cpu", trainer)
+    assert (auto.rows_per_batch, trainer.grad_accum) == (2, 3)
+    for name in ("none", "sorted"):
+        other, trainer = OmegaConf.merge(_auto(), {"name": name}), OmegaConf.create({"grad_accum": None})
+        assert resolve_budget(other, [100], "cpu", trainer) == [] and trainer.grad_accum == 1
+        assert (other.row_tokens, other.rows_per_batch) == (None, None)
+
+
+@pytest.mark.parametrize("longest", [300, 512, 700, 1100, 2000, 4500])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_auto_steps_hold_the_rows_of_one_auto_step_micro_batch(longest, device):
+    """The auto budget splits a step into micro-batches, but every optimizer step trains the same
+    rows (the same units, packed the same way) as one micro-batch of AUTO_TOKENS_PER_STEP tokens
+    would: the plan cuts consecutive rows of one seeded order."""
+    from ppo_train.data.packing import AUTO_TOKENS_PER_STEP, resolve_budget
+
+    rng = np.random.default_rng(longest)
+    spec = [(int(rng.integers(1, longest // 3)), [int(rng.integers(1, longest // 3)) for _ in range(2)])
+            for _ in range(90)]
+    units = build_units(_examples(spec), "shared")
+    auto, trainer = _auto(), OmegaConf.create({"grad_accum": None})
+    resolve_budget(auto, [u.length for u in units], device, trainer)
+    whole = _auto(auto.row_tokens, max(1, AUTO_TOKENS_PER_STEP[device] // auto.row_tokens))
+    split_steps = group_steps(plan_epoch(units, auto, 1, seed=5, epoch=0), trainer.grad_accum)
+    whole_steps = group_steps(plan_epoch(units, whole, 1, seed=5, epoch=0), 1)
+    assert auto.rows_per_batch * trainer.grad_accum == whole.rows_per_batch
+    assert len(split_steps) == len(whole_steps) > 1
+    for split, (one,) in zip(split_steps, whole_steps):
+        rows = [row for mb in split if mb is not None for row in mb.rows]
+        assert rows == one.rows and [u for mb in split if mb is not None for u in mb.units] == one.units
