@@ -98,8 +98,10 @@ def write_vs_trl(result: dict, out_dir: Path) -> dict[str, str]:
     """vs_trl.json and vs_trl.md: pairs/s, MFU and peak RSS of pptrain and the two TRL runs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ours = result["pptrain"]
+    rounds = result.get("rounds", 1)
     lines = [f"# pptrain at its defaults vs TRL DPOTrainer (torch {result['torch']})", "",
-             f"- overrides: `{' '.join(result['overrides'])}`", "",
+             f"- overrides: `{' '.join(result['overrides'])}`",
+             f"- rounds: {rounds} (each configuration's fastest; every round's pairs/s in vs_trl.json)", "",
              "| run | pairs/s | MFU | peak RSS MiB | pptrain speedup | pptrain RSS ratio |", "|---|---|---|---|---|---|",
              f"| pptrain (defaults) | {_fmt(ours['pairs_per_s'])} | {_fmt(ours.get('mfu'), '.1%')} | "
              f"{_fmt(ours['peak_rss_mib'], '.0f')} | | |"]
