@@ -330,22 +330,32 @@ def _fastest(runs: list[dict]) -> dict:
 
 def vs_trl(overrides: list[str], opts: BenchOptions, steps: int, rounds: int = 1, log=print) -> dict:
     """pptrain at its defaults vs TRL's defaults and TRL's best setting (bench_trl.py), `rounds`
-    times in turn (pptrain, then each TRL run); each configuration's fastest round counts."""
+    times in turn (pptrain, pptrain in bf16, then each TRL run); each configuration's fastest
+    round counts. pptrain's `trainer.precision=bf16` (bf16 compute, fp32 master weights in the
+    optimizer) is compared with TRL's own default, bf16 mixed precision."""
     from bench_trl import pptrain_default
 
-    runs: dict[str, list[dict]] = {"pptrain": [], **{name: [] for name, _, _ in TRL_RUNS}}
+    bf16 = [*overrides, "trainer.precision=bf16"]
+    runs: dict[str, list[dict]] = {"pptrain": [], "pptrain_bf16": [], **{name: [] for name, _, _ in TRL_RUNS}}
     for r in range(max(1, rounds)):
         log(f"bench: round {r + 1}/{max(1, rounds)}: pptrain at its defaults ...")
         runs["pptrain"].append(pptrain_default(overrides, steps))
+        log(f"bench: round {r + 1}/{max(1, rounds)}: pptrain, trainer.precision=bf16 ...")
+        runs["pptrain_bf16"].append(pptrain_default(bf16, steps))
         for name, label, kwargs in TRL_RUNS:
             log(f"bench: round {r + 1}/{max(1, rounds)}: {label} ...")
             runs[name].append(_trl(overrides, opts, **kwargs))
-    ours, result = _fastest(runs["pptrain"]), {}
+    ours, ours_bf16, result = _fastest(runs["pptrain"]), _fastest(runs["pptrain_bf16"]), {}
     for name, _, _ in TRL_RUNS:
         trl = result[name] = _fastest(runs[name])
         if trl.get("pairs_per_s"):
             ours[f"speedup_vs_{name}"] = ours["pairs_per_s"] / trl["pairs_per_s"]
             ours[f"rss_vs_{name}"] = ours["peak_rss_mib"] / trl["peak_rss_mib"]
+    own = result["trl_own_defaults"]
+    if own.get("pairs_per_s") and ours_bf16.get("pairs_per_s"):  # the same precision family as TRL's default
+        ours_bf16["speedup_vs_trl_own_defaults"] = ours_bf16["pairs_per_s"] / own["pairs_per_s"]
+        ours_bf16["rss_vs_trl_own_defaults"] = ours_bf16["peak_rss_mib"] / own["peak_rss_mib"]
+    result["pptrain_bf16"] = ours_bf16
     return {"overrides": overrides, "torch": torch.__version__, "rounds": max(1, rounds), "pptrain": ours, **result}
 
 

@@ -95,7 +95,7 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, str]:
 
 
 def write_vs_trl(result: dict, out_dir: Path) -> dict[str, str]:
-    """vs_trl.json and vs_trl.md: pairs/s, MFU and peak RSS of pptrain and the two TRL runs."""
+    """vs_trl.json and vs_trl.md: pairs/s, MFU and peak RSS of pptrain (defaults, bf16) and the TRL runs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ours = result["pptrain"]
     rounds = result.get("rounds", 1)
@@ -105,6 +105,14 @@ def write_vs_trl(result: dict, out_dir: Path) -> dict[str, str]:
              "| run | pairs/s | MFU | peak RSS MiB | pptrain speedup | pptrain RSS ratio |", "|---|---|---|---|---|---|",
              f"| pptrain (defaults) | {_fmt(ours['pairs_per_s'])} | {_fmt(ours.get('mfu'), '.1%')} | "
              f"{_fmt(ours['peak_rss_mib'], '.0f')} | | |"]
+    half = result.get("pptrain_bf16")
+    if half is not None and half.get("pairs_per_s"):
+        lines.append(f"| pptrain, trainer.precision=bf16 | {_fmt(half['pairs_per_s'])} | "
+                     f"{_fmt(half.get('mfu'), '.1%')} (of the bf16 peak) | {_fmt(half['peak_rss_mib'], '.0f')} | "
+                     f"{_fmt(half.get('speedup_vs_trl_own_defaults'), '.2f', 'x')} vs TRL's defaults | "
+                     f"{_fmt(half.get('rss_vs_trl_own_defaults'), '.2f', 'x')} vs TRL's defaults |")
+    elif half is not None:
+        lines.append(f"| pptrain, trainer.precision=bf16 | {str(half.get('error', '?'))[:200]} | | | | |")
     for name, label in (("trl_own_defaults", "TRL defaults (its bf16 mixed precision)"),
                         ("trl_defaults", "TRL defaults, pptrain's precision"),
                         ("trl_precompute", "TRL precompute_ref_log_probs, pptrain's precision")):

@@ -139,6 +139,11 @@ def test_vs_trl_report_lists_every_baseline(tmp_path):
     assert "| TRL defaults, pptrain's precision | 0.50 | 10.0% | 2000 | 8.00x | 0.50x |" in table
     assert "| TRL defaults (its bf16 mixed precision) | not run |" in table
     assert "| TRL precompute_ref_log_probs, pptrain's precision | boom |" in table
+    result["pptrain_bf16"] = {"pairs_per_s": 9.0, "mfu": 0.14, "peak_rss_mib": 1500.0,
+                              "speedup_vs_trl_own_defaults": 12.0, "rss_vs_trl_own_defaults": 0.3}
+    table = (Path(write_vs_trl(result, tmp_path)["markdown"])).read_text()
+    assert ("| pptrain, trainer.precision=bf16 | 9.00 | 14.0% (of the bf16 peak) | 1500 | 12.00x vs TRL's defaults | "
+            "0.30x vs TRL's defaults |") in table
 
 
 def test_vs_trl_rounds_take_turns_and_the_fastest_round_counts(monkeypatch):
@@ -148,8 +153,8 @@ def test_vs_trl_rounds_take_turns_and_the_fastest_round_counts(monkeypatch):
     import bench
     import bench_trl
 
-    order, speeds = [], {"pptrain": [5.0, 6.0], "trl_own_defaults": [0.5, 0.4], "trl_defaults": [None, 0.6],
-                         "trl_precompute": [None, None]}
+    order, speeds = [], {"pptrain": [5.0, 6.0], "pptrain_bf16": [9.0, 8.0], "trl_own_defaults": [0.5, 0.4],
+                         "trl_defaults": [None, 0.6], "trl_precompute": [None, None]}
 
     def fake(name):
         k = sum(1 for o in order if o == name)
@@ -157,11 +162,12 @@ def test_vs_trl_rounds_take_turns_and_the_fastest_round_counts(monkeypatch):
         v = speeds[name][k]
         return {"pairs_per_s": v, "peak_rss_mib": 1000.0 + k, "round": k} if v else {"error": f"{name} failed"}
 
-    monkeypatch.setattr(bench_trl, "pptrain_default", lambda overrides, steps: fake("pptrain"))
+    monkeypatch.setattr(bench_trl, "pptrain_default", lambda overrides, steps: fake(
+        "pptrain_bf16" if "trainer.precision=bf16" in overrides else "pptrain"))
     monkeypatch.setattr(bench, "_trl", lambda overrides, opts, precompute, own_precision=False: fake(
         "trl_own_defaults" if own_precision else "trl_precompute" if precompute else "trl_defaults"))
     result = bench.vs_trl(["model=tiny"], bench.BenchOptions(), 8, rounds=2, log=lambda *a: None)
-    assert order == ["pptrain", "trl_own_defaults", "trl_defaults", "trl_precompute"] * 2
+    assert order == ["pptrain", "pptrain_bf16", "trl_own_defaults", "trl_defaults", "trl_precompute"] * 2
     ours = result["pptrain"]
     assert ours["pairs_per_s"] == 6.0 and ours["round"] == 1 and ours["pairs_per_s_rounds"] == [5.0, 6.0]
     assert ours["peak_rss_mib"] == 1001.0 and result["rounds"] == 2
@@ -169,3 +175,6 @@ def test_vs_trl_rounds_take_turns_and_the_fastest_round_counts(monkeypatch):
     assert abs(ours["speedup_vs_trl_own_defaults"] - 12.0) < 1e-12 and abs(ours["speedup_vs_trl_defaults"] - 10.0) < 1e-12
     assert result["trl_defaults"]["pairs_per_s_rounds"] == [None, 0.6]
     assert result["trl_precompute"] == {"error": "trl_precompute failed"} and "speedup_vs_trl_precompute" not in ours
+    half = result["pptrain_bf16"]  # compared with TRL's own default (bf16 mixed precision) only
+    assert half["pairs_per_s"] == 9.0 and abs(half["speedup_vs_trl_own_defaults"] - 18.0) < 1e-12
+    assert "speedup_vs_trl_defaults" not in half
