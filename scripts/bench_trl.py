@@ -2,7 +2,8 @@
 
 - pptrain: the real `python -m ppo_train` run (DeepSpeed engine, default packing and ZeRO
   choice), pairs/s over the optimizer steps after the first, its own MFU, and the process's
-  peak RSS (wait4's ru_maxrss);
+  peak RSS (wait4's ru_maxrss); once at its defaults and once with `trainer.precision=bf16`
+  (bf16 compute, fp32 master weights), which is compared with TRL's own bf16 default;
 - TRL 1.16 DPOTrainer three times: with its own defaults (a reference model beside the policy,
   gradient checkpointing, bf16 mixed precision: autocast over fp32 weights), the same in
   pptrain's precision (`bf16` set from `trainer.precision`), and with its best setting here in
