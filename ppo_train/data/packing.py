@@ -125,9 +125,10 @@ def resolve_budget(packing, lengths: list[int], device_type: str, trainer=None) 
         packing.rows_per_batch = max(1, AUTO_TOKENS_PER_MICRO_BATCH[kind] // packing.row_tokens)
         chosen.append(f"packing.rows_per_batch={packing.rows_per_batch}")
     if trainer is not None and trainer.grad_accum is None:
-        step_rows = max(1, AUTO_TOKENS_PER_STEP[kind] // packing.row_tokens) if auto_rows else 1
-        trainer.grad_accum = max(1, step_rows // packing.rows_per_batch) if auto_rows else 1
+        trainer.grad_accum = 1
         if auto_rows:
+            step_rows = max(1, AUTO_TOKENS_PER_STEP[kind] // packing.row_tokens)
+            trainer.grad_accum = max(1, step_rows // packing.rows_per_batch)
             chosen.append(f"trainer.grad_accum={trainer.grad_accum}")
     return chosen
 
