@@ -139,14 +139,15 @@ def _candidates(run_dir: Path, setting: str | None) -> list[Path]:
 def _refuse_another_plan(path: Path, meta: dict, identity: dict) -> None:
     changes = plan_changes(meta["plan"], identity) if "plan" in meta else []
     if changes:
-        raise ResumeError(f"trainer.resume: {path} was trained with another data plan, so step {meta['step']} would "
-                          f"continue on other examples: {'; '.join(changes)}. Resume with the settings it was saved "
-                          "with, or start a new run directory")
+        raise ResumeError(f"trainer.resume: {path} was trained with another data plan ({'; '.join(changes)}): from "
+                          f"step {meta['step']} this run would not train what that run would have (other examples, "
+                          "or the same ones in other micro-batches and optimizer steps). Resume with the settings "
+                          "it was saved with, or start a new run directory")
 
 
 def check_plan(run_dir: Path, setting: str | None, identity: dict) -> None:
     """Before the model loads: refuse to continue a checkpoint trained with another data plan
-    (`plan_identity`), naming each change; resuming would continue on other examples."""
+    (`plan_identity`), naming each change."""
     for path in _candidates(run_dir, setting):
         try:
             meta = json.loads((path / "trainer.json").read_text())
