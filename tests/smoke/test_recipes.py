@@ -49,8 +49,8 @@ def offline_overrides(recipe: str) -> list[str]:
     return out + ["dataset.num_rows=40"] if local_data else out
 
 
-def run_pptrain(run_dir: Path, *overrides: str, timeout: int = 600) -> list[dict]:
-    env = child_env()
+def run_pptrain(run_dir: Path, *overrides: str, timeout: int = 600, env: dict | None = None) -> list[dict]:
+    env = {**child_env(), **(env or {})}
     args = [sys.executable, "-m", "ppo_train", f"hydra.run.dir={run_dir}", "logging.progress=false", *overrides]
     proc = subprocess.run(args, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"pptrain {' '.join(overrides)} failed:\n{proc.stderr[-4000:]}"
