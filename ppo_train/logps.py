@@ -92,13 +92,14 @@ class LinearLogProbs(torch.autograd.Function):
             # applied to the (n, H) sides of the matmuls instead of the (n, V) block
             probs[torch.arange(e - s, device=probs.device), targets[s:e]] -= 1.0
             g = -grad_out[s:e, None]
+            low = probs.to(weight.dtype)  # one conversion for both matmuls (no copy in fp32)
             if want_h:
-                grad_h[s:e] = (probs.to(weight.dtype) @ weight) * g.to(hidden.dtype)
+                grad_h[s:e] = (low @ weight) * g.to(hidden.dtype)
             if want_w and weight.dtype == torch.float32:
                 grad_w = probs.t() @ (hidden[s:e] * g) if grad_w is None else \
                     grad_w.addmm_(probs.t(), hidden[s:e] * g)
             elif want_w:  # the matmul in the model's dtype, the sum over chunks in fp32
-                part = (probs.to(weight.dtype).t() @ (hidden[s:e] * g.to(hidden.dtype))).float()
+                part = (low.t() @ (hidden[s:e] * g.to(hidden.dtype))).float()
                 grad_w = part if grad_w is None else grad_w.add_(part)
         if want_w and grad_w is None:  # no response tokens: a zero gradient keeps the head in the graph
             grad_w = torch.zeros_like(weight)
