@@ -92,8 +92,8 @@ def test_vision_language_model_on_two_ranks_equals_one_rank(model, stage, tmp_pa
     two = tmp_path / "two"
     torchrun = str(Path(sys.executable).parent / "torchrun")
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "ppo_train", f"hydra.run.dir={two}",
-                           "logging.progress=false", *common, "trainer.grad_accum=1"], cwd=tmp_path, env={**child_env(), **ONE_THREAD},
-                          capture_output=True, text=True, timeout=600)
+                           "logging.progress=false", *common, "trainer.grad_accum=1"], cwd=tmp_path,
+                          env={**child_env(), **ONE_THREAD}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     one = tmp_path / "one"
     run_pptrain(one, *common, "trainer.grad_accum=2", env=ONE_THREAD)
