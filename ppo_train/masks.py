@@ -9,10 +9,15 @@ for the prompt and i for response i, so a response sees the prompt and itself on
 - `dense_mask`: a boolean (B, 1, L, L) mask, True = attend, for SDPA (the CPU path:
   FlexAttention has no backward on the CPU).
 Both come from `mask_mod`; tests compare them token by token.
+
+`doc_spans` gives the runs of one document in each row: no token attends across them, so SDPA
+can run on each run's diagonal block of the dense mask alone (model.segmented_sdpa_forward),
+computing sum(len^2) instead of L^2 per row, as the flex path's block skipping does on the GPU.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -36,6 +41,20 @@ def dense_mask(doc_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor
     seg_q, seg_kv = segment_ids[:, :, None], segment_ids[:, None, :]
     visible = (seg_kv == 0) | (seg_kv == seg_q)
     return (causal[None] & same_doc & visible)[:, None]
+
+
+def doc_spans(doc_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    """(B, L) document ids -> each row's [start, end) runs of equal ids, in order (padding is a
+    run of its own). None when an id comes back after another id in a row: the mask would join
+    such runs, so they could not be attended to separately (pptrain's collate never does that)."""
+    rows = []
+    for row in doc_ids.cpu().numpy():
+        cuts = [0, *(np.flatnonzero(row[1:] != row[:-1]) + 1).tolist(), len(row)]
+        spans = list(zip(cuts[:-1], cuts[1:]))
+        if len({int(row[s]) for s, _ in spans}) != len(spans):
+            return None
+        rows.append(spans)
+    return rows
 
 
 def block_mask(doc_ids: torch.Tensor, segment_ids: torch.Tensor, block_size: int = 128):

@@ -1,8 +1,10 @@
 """Load the tokenizer and the model, plug our attention in through transformers'
 AttentionInterface, and build the module that training wraps (`build_policy`).
 
-Attention: `sdpa` (transformers' own) receives our dense 4-D boolean mask as is;
-`pptrain_flex` (registered here) runs FlexAttention with our BlockMask, compiled on CUDA.
+Attention: `pptrain_sdpa` (registered here; `model.attention=sdpa`) is transformers' own SDPA
+function on our dense 4-D boolean mask, called once per document run of each row when the
+scorer passes the runs (`pptrain_spans`, CPU only); `pptrain_flex` (registered here) runs
+FlexAttention with our BlockMask, compiled on CUDA.
 A 4-D mask or a BlockMask is used exactly as given by transformers, so it never guesses
 documents from the position ids (which would split a response from its prompt).
 """
@@ -24,6 +26,7 @@ from ppo_train.lora import apply_lora, export_lora
 from ppo_train.vision import ImageInputs, RopeIndex, freeze_vision_tower, is_vision_config, load_processor
 
 FLEX = "pptrain_flex"
+SDPA = "pptrain_sdpa"
 
 
 @functools.cache
@@ -43,11 +46,30 @@ def flex_attention_forward(module, query, key, value, attention_mask, scaling=No
     return out.transpose(1, 2).contiguous(), None
 
 
+def segmented_sdpa_forward(module, query, key, value, attention_mask, pptrain_spans=None, **kwargs):
+    """transformers' SDPA attention; with `pptrain_spans` (masks.doc_spans of the batch) once per
+    document run of each row, on that run's diagonal block of the mask. No query attends
+    outside its run, so the result is the same attention (to rounding: SDPA's CPU kernel then
+    reduces over shorter rows), at sum(len^2) instead of L^2 per row: the CPU counterpart of
+    FlexAttention skipping empty blocks. query (B, Hq, L, D) -> (B, L, Hq, D)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if pptrain_spans is None or attention_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = []
+    for b, spans in enumerate(pptrain_spans):
+        parts = [sdpa_attention_forward(module, query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                        attention_mask[b:b + 1, :, s:e, s:e], **kwargs)[0] for s, e in spans]
+        rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+    return (rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)), None
+
+
 AttentionInterface.register(FLEX, flex_attention_forward)
+AttentionInterface.register(SDPA, segmented_sdpa_forward)
 
 
 def attn_implementation(backend: str) -> str:
-    return FLEX if backend == "flex" else "sdpa"
+    return FLEX if backend == "flex" else SDPA
 
 
 def _attention_for(config, impl: str):

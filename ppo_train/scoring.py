@@ -26,7 +26,7 @@ from ppo_train.data.packing import MicroBatch, round_up
 from ppo_train.dist import SINGLE, DistInfo, reduce
 from ppo_train.errors import ModelLoadError
 from ppo_train.logps import ResponseLogps, fusable, sum_per_response, token_logps
-from ppo_train.masks import build_mask, resolve_backend
+from ppo_train.masks import build_mask, doc_spans, resolve_backend
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -51,12 +51,13 @@ class PolicyModule(torch.nn.Module):
         self.image_params = image_params(model)
 
     def forward(self, input_ids, position_ids, attention_mask, pred_index, target_ids, target_response,
-                num_responses: int, **image_inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """`image_inputs`: a vision-language model's image tensors (pixel_values, ...)."""
+                num_responses: int, spans=None, **image_inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """`spans`: masks.doc_spans of the batch (or None); `image_inputs`: a vision-language
+        model's image tensors (pixel_values, ...)."""
         body, head = decoder_and_head(self.model)
         with record_function("pptrain.forward"):
             hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                          use_cache=False, **image_inputs).last_hidden_state
+                          use_cache=False, **_span_kwargs(spans), **image_inputs).last_hidden_state
         if not image_inputs and self.image_params and self.dist.world_size > 1:
             # a batch without images leaves the image parameters without gradients on this rank
             # only; ZeRO-1/2 and plain data parallelism reduce gradients by hooks, so every rank
@@ -100,10 +101,11 @@ class RewardModule(torch.nn.Module):
             raise ModelLoadError(f"{type(model).__name__}: no `score` head; reward models need one "
                                  "(Llama, Qwen2 and Mistral classifiers have it)")
 
-    def forward(self, input_ids, position_ids, attention_mask, last_index, num_responses: int, **image_inputs):
+    def forward(self, input_ids, position_ids, attention_mask, last_index, num_responses: int, spans=None,
+                **image_inputs):
         body = getattr(self.model, self.model.base_model_prefix)
         hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False, **image_inputs).last_hidden_state
+                      use_cache=False, **_span_kwargs(spans), **image_inputs).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         # exactly one head call on every rank, empty micro-batch included (ZeRO-3 gathers per call)
         rows = last_index if last_index.numel() else last_index.new_zeros(1)
@@ -113,16 +115,25 @@ class RewardModule(torch.nn.Module):
         return rewards, torch.ones_like(rewards)
 
 
+def _span_kwargs(spans) -> dict:
+    """What the decoder passes on to its attention function (model.segmented_sdpa_forward)."""
+    return {} if spans is None else {"pptrain_spans": spans}
+
+
 def forward_scores(module, batch: PackedBatch, mask) -> ResponseLogps:
     """Per-response scores of one batch: log-prob sums and token counts for a PolicyModule,
-    rewards (in `sums`, counts 1) for a RewardModule. `module` may be a DeepSpeed engine."""
+    rewards (in `sums`, counts 1) for a RewardModule. `module` may be a DeepSpeed engine.
+    A dense mask on the CPU comes with the rows' document runs, so that attention runs per
+    document (model.segmented_sdpa_forward); on a GPU one SDPA call per row is faster."""
     inner = getattr(module, "module", module)
+    dense = isinstance(mask, torch.Tensor) and mask.device.type == "cpu"
+    spans = doc_spans(batch.doc_ids) if dense else None
     if isinstance(inner, RewardModule):
         sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.last_index, batch.num_responses,
-                              **batch.image_inputs)
+                              spans=spans, **batch.image_inputs)
     else:
         sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.pred_index, batch.target_ids,
-                              batch.target_response, batch.num_responses, **batch.image_inputs)
+                              batch.target_response, batch.num_responses, spans=spans, **batch.image_inputs)
     return ResponseLogps(sums, counts)
 
 

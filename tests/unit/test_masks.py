@@ -8,7 +8,7 @@ import torch
 from ppo_train.data.collate import collate
 from ppo_train.data.layout import build_units
 from ppo_train.data.packing import plan_epoch
-from ppo_train.masks import block_mask, dense_mask, mask_mod_for
+from ppo_train.masks import block_mask, dense_mask, doc_spans, mask_mod_for
 from omegaconf import OmegaConf
 from tests.conftest import random_examples
 
@@ -82,3 +82,55 @@ def test_mask_blinds_responses_to_each_other():
     assert not mask[r2][:, r1].any()
     assert mask[r2][:, :p].all()
     assert int(pos[r1[0]]) == int(p) and int(pos[r2[0]]) == int(p)
+
+
+@pytest.mark.parametrize("layout,k,packing", [("shared", 2, "ffd"), ("shared", 4, "ffd"), ("paired", 3, "ffd"),
+                                              ("shared", 3, "none"), ("paired", 2, "sorted")])
+def test_doc_spans_tile_each_row_and_nothing_attends_across_them(layout, k, packing):
+    """The runs cover every row in order, and the dense mask is zero outside their diagonal
+    blocks: attention restricted to each block is the whole attention."""
+    batch = _batch(layout, k, packing)
+    mask = dense_mask(batch.doc_ids, batch.segment_ids)[:, 0]
+    spans = doc_spans(batch.doc_ids)
+    b, n = batch.doc_ids.shape
+    assert spans is not None and len(spans) == b
+    inside = torch.zeros(b, n, n, dtype=torch.bool)
+    for r, row in enumerate(spans):
+        assert row[0][0] == 0 and row[-1][1] == n and all(e == s2 for (_, e), (s2, _) in zip(row, row[1:]))
+        assert all(len(set(batch.doc_ids[r, s:e].tolist())) == 1 for s, e in row)
+        for s, e in row:
+            inside[r, s:e, s:e] = True
+    assert packing != "ffd" or max(len(row) for row in spans) > 2  # packed rows hold several documents
+    assert not (mask & ~inside).any()
+
+
+def test_doc_spans_refuse_an_id_that_comes_back():
+    assert doc_spans(torch.tensor([[0, 0, 1, 1, 0]])) is None
+    assert doc_spans(torch.tensor([[5, 5, 5], [1, 2, 2]])) == [[(0, 3)], [(0, 1), (1, 3)]]
+
+
+@pytest.mark.parametrize("layout,k,packing", [("shared", 3, "ffd"), ("paired", 2, "ffd"), ("shared", 2, "none")])
+def test_segmented_sdpa_equals_one_sdpa_call(layout, k, packing):
+    """Per-document SDPA (what training runs on the CPU) against transformers' SDPA over the
+    whole row with the same mask: outputs and q/k/v gradients, grouped-query heads."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ppo_train.model import segmented_sdpa_forward
+
+    batch = _batch(layout, k, packing)
+    mask = dense_mask(batch.doc_ids, batch.segment_ids)
+    b, n = batch.doc_ids.shape
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    gen = torch.Generator().manual_seed(0)
+    q, kk, v = (torch.randn(b, h, n, 16, generator=gen, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    upstream = torch.randn(b, n, 4, 16, generator=gen, dtype=torch.float64)
+    outs, grads = [], []
+    for fn, extra in ((sdpa_attention_forward, {}), (segmented_sdpa_forward, {"pptrain_spans": doc_spans(batch.doc_ids)})):
+        out, _ = fn(module, q, kk, v, mask, scaling=0.25, dropout=0.0, **extra)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * upstream).sum(), (q, kk, v)))
+    assert outs[0].shape == outs[1].shape == (b, n, 4, 16)
+    assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-12)
+    for g0, g1 in zip(*grads):
+        assert torch.allclose(g0, g1, rtol=0, atol=1e-12)
