@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,16 +54,38 @@ def device_for(setting: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def use_accelerator(device: torch.device) -> None:
+    """Make DeepSpeed's accelerator the one of `device`, before DeepSpeed picks its own.
+
+    DeepSpeed chooses its accelerator once per process (DS_ACCELERATOR, else CUDA when a GPU is
+    visible) and puts every engine's module on it: under trainer.device=cpu on a machine with a
+    GPU it would move the model to cuda:N while the batches stay on the CPU. The environment
+    variable covers a DeepSpeed that is not imported yet; an imported one that already chose
+    another accelerator is told through its own deepspeed.accelerator.set_accelerator."""
+    name = "cuda" if device.type == "cuda" else "cpu"
+    os.environ["DS_ACCELERATOR"] = name
+    real = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    current = getattr(real, "ds_accelerator", None)
+    if current is None or current.device_name() == name:
+        return
+    if name == "cpu":
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+    else:
+        from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+    real.set_accelerator(Accelerator())
+
+
 def init_distributed(device_setting: str) -> DistInfo:
     """Join (or start) the process group: NCCL on GPUs, gloo on the CPU."""
-    import deepspeed
-
     if "WORLD_SIZE" not in os.environ:  # one process, no launcher: a free local port
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
             os.environ.setdefault(key, value)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = device_for(device_setting, local_rank)
+    use_accelerator(device)
+    import deepspeed
+
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
@@ -90,6 +113,14 @@ def reduce_number(value: float, dist: DistInfo, op: str = "sum") -> float:
 
 def any_rank(flag: bool, dist: DistInfo) -> bool:
     return reduce_number(1.0 if flag else 0.0, dist, "max") > 0
+
+
+def any_ranks(flags: list[bool], dist: DistInfo) -> list[bool]:
+    """For each flag: whether it is set on any rank (one collective for all of them)."""
+    if dist.world_size == 1:
+        return [bool(f) for f in flags]
+    values = reduce(torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64), dist, "max")
+    return [v > 0 for v in values.tolist()]
 
 
 def all_ranks(flag: bool, dist: DistInfo) -> bool:

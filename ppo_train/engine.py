@@ -60,6 +60,20 @@ def deepspeed_config(t: DictConfig, world_size: int, loading: bool = False) -> d
     }
 
 
+def reference_config(t: DictConfig, world_size: int) -> dict:
+    """The DeepSpeed config of a frozen reference model (no optimizer): ZeRO-3 when the trainer
+    runs ZeRO-3 (the reference is then partitioned like the policy), else stage 0. Stages 1 and
+    2 partition optimizer state and gradients, which a frozen model has none of (DeepSpeed
+    refuses them without an optimizer); TRL prepares its reference model the same way."""
+    config = deepspeed_config(t, world_size)
+    zero = config["zero_optimization"]
+    config.pop("optimizer", None)
+    zero.pop("offload_optimizer", None)
+    if zero["stage"] != 3:
+        config["zero_optimization"] = {"stage": 0}
+    return config
+
+
 def zero3_config(t: DictConfig, world_size: int) -> dict | None:
     """The DeepSpeed config under which models are built partitioned (ZeRO-3), else None."""
     return deepspeed_config(t, world_size, loading=True) if zero_stage(t, world_size) == 3 else None

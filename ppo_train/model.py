@@ -36,13 +36,35 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query (B, Hq, L, D), key/value (B, Hkv, L, D), attention_mask a BlockMask -> (B, L, Hq, D)."""
+def _flex_kernel(query: torch.Tensor):
+    """Compiled FlexAttention on CUDA; eager elsewhere (the CPU runs it without grad only)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    fn = _compiled_flex() if query.is_cuda else flex_attention
-    out = fn(query, key, value, block_mask=attention_mask, scale=scaling,
-             enable_gqa=query.shape[1] != key.shape[1])
+    return _compiled_flex() if query.is_cuda else flex_attention
+
+
+def same_grad(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """In a pass that trains anything, every one of q, k, v requires grad.
+
+    Dynamo guards on each input's requires_grad. With LoRA on q_proj/v_proj and frozen
+    embeddings, layer 0's key needs no grad while its query and value do, and every later layer's
+    three do: two training graphs per row length instead of one, which with three row lengths
+    and the no-grad pass makes 9 graphs, past dynamo's limit of 8 (flex then runs eagerly and
+    materializes (B, H, L, L) scores). A tensor that needs no grad is given as a detached leaf
+    that does: its gradient is computed by the kernel anyway and then dropped."""
+    if not torch.is_grad_enabled():
+        return query, key, value
+    tensors = (query, key, value)
+    if not any(t.requires_grad for t in tensors) or all(t.requires_grad for t in tensors):
+        return tensors
+    return tuple(t if t.requires_grad else t.detach().requires_grad_() for t in tensors)
+
+
+def flex_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query (B, Hq, L, D), key/value (B, Hkv, L, D), attention_mask a BlockMask -> (B, L, Hq, D)."""
+    query, key, value = same_grad(query, key, value)
+    out = _flex_kernel(query)(query, key, value, block_mask=attention_mask, scale=scaling,
+                              enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -265,13 +287,19 @@ def architecture_problems(config, longest_sequence: int = 0, backend: str = "sdp
     """Why pptrain's log-probs would differ from the model's own for this config (empty if they
     match). `longest_sequence`: the longest [prompt | response] of the data, in tokens; a
     sliding window shorter than that would be ignored (documents attend in full). With the
-    flex backend, attention dropout would be ignored (pptrain's flex function applies none)."""
+    flex backend, attention dropout would be ignored (pptrain's flex function applies none), and a
+    head dimension below 16 cannot be compiled."""
     problems = [f"{name}={getattr(config, name)}" for name, off in _HEAD_AND_ATTENTION.items()
                 if getattr(config, name, None) not in off]
     dropout = getattr(config, "attention_dropout", 0.0) or 0.0
     if backend == "flex" and dropout > 0:
         problems.append(f"attention_dropout={dropout} with model.attention=flex (FlexAttention has no dropout; "
                         "set it to 0 or use model.attention=sdpa)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if backend == "flex" and head_dim < 16:
+        # inductor's flex kernel (tl.dot) refuses it: "embedding dimension ... at least 16"
+        problems.append(f"head_dim={head_dim} with model.attention=flex (compiled FlexAttention needs a head "
+                        "dimension of at least 16; use model.attention=sdpa)")
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     windowed = getattr(config, "use_sliding_window", None)

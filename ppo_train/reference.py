@@ -27,7 +27,7 @@ from torch.profiler import record_function
 from ppo_train import fileio
 from ppo_train.data.layout import Unit
 from ppo_train.data.schedule import Schedule
-from ppo_train.dist import DistInfo, reduce
+from ppo_train.dist import DistInfo, all_ranks, reduce
 from ppo_train.errors import WRITE_ERRORS
 from ppo_train.logps import ResponseLogps
 from ppo_train.scoring import Scored, Scorer, forward_scores
@@ -85,10 +85,9 @@ class LiveReference:
     def __init__(self, module: torch.nn.Module, trainer_cfg, dist: DistInfo):
         import deepspeed
 
-        from ppo_train.engine import deepspeed_config
+        from ppo_train.engine import reference_config
 
-        config = deepspeed_config(trainer_cfg, dist.world_size)
-        config.pop("optimizer", None)
+        config = reference_config(trainer_cfg, dist.world_size)
         for p in module.parameters():
             p.requires_grad_(False)
         module.eval()
@@ -153,7 +152,9 @@ def _table(cfg, reference_model, scorer: Scorer, dist: DistInfo, run_dir: Path, 
                 "precision": cfg.trainer.precision, "layout": cfg.layout.name, "split": split, "weights": weights}
     fp = fingerprint(scorer.units, identity)
     table = ReferenceTable.load(run_dir, fp, split) if cfg.reference.cache else None
-    if table is not None:
+    # one decision for all ranks: a rank that misses (a run directory that is not shared, a
+    # failed read) would run forwards that the others skip, and ZeRO-3's gathers would hang
+    if all_ranks(table is not None, dist):
         return table
     plan = Schedule(scorer.units, cfg.packing, cfg.trainer.micro_batch_size, cfg.trainer.seed, dist.world_size,
                     dist.rank)

@@ -126,6 +126,7 @@ def forward_scores(module, batch: PackedBatch, mask) -> ResponseLogps:
     A dense mask on the CPU comes with the rows' document runs, so that attention runs per
     document (model.segmented_sdpa_forward); on a GPU one SDPA call per row is faster."""
     inner = getattr(module, "module", module)
+    _check_attention(inner, mask)
     dense = isinstance(mask, torch.Tensor) and mask.device.type == "cpu"
     spans = doc_spans(batch.doc_ids) if dense else None
     if isinstance(inner, RewardModule):
@@ -135,6 +136,24 @@ def forward_scores(module, batch: PackedBatch, mask) -> ResponseLogps:
         sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.pred_index, batch.target_ids,
                               batch.target_response, batch.num_responses, spans=spans, **batch.image_inputs)
     return ResponseLogps(sums, counts)
+
+
+def _check_attention(inner: torch.nn.Module, mask) -> None:
+    """The mask must be the kind the model's attention function takes: a BlockMask for flex, a
+    dense tensor for SDPA. A model built for one device's backend and a Scorer resolved for
+    another's would otherwise fail deep inside attention (SDPA: "attn_mask must be Tensor, not
+    BlockMask") or, worse, run."""
+    model = getattr(inner, "model", None)
+    config = getattr(model, "config", None)
+    if config is None or mask is None:
+        return
+    impl = config.get_text_config()._attn_implementation
+    flex_model = impl in ("pptrain_flex", "flex_attention")
+    if flex_model != (not isinstance(mask, torch.Tensor)):
+        kind = "a dense (SDPA) mask" if isinstance(mask, torch.Tensor) else "a FlexAttention BlockMask"
+        raise ModelLoadError(f"the model's attention is {impl!r} but the batch carries {kind}: the model and the "
+                             "Scorer were set up for different backends (resolve model.attention for one device "
+                             "and use it for both)")
 
 
 @dataclass

@@ -55,7 +55,7 @@ BIG_MODEL = ["model.from_config.hidden_size=512", "model.from_config.num_hidden_
 
 @dataclass
 class BenchOptions:
-    grid: list = field(default_factory=lambda: list(GRID))  # (layout, packer) pairs
+    grid: list = field(default_factory=lambda: list(GRID))  # (layout, packer[, attention backend])
     warmup_steps: int = 1
     units_per_step: int = 16  # prompts per optimizer step
     num_units: int | None = None  # cap on the examples used (None = all prepared)
@@ -156,7 +156,7 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     """Config, data, model, optimizer and reference log-probs of one grid point."""
     from ppo_train.data.layout import build_units
     from ppo_train.data.schedule import Schedule
-    from ppo_train.dist import SINGLE, device_for
+    from ppo_train.dist import SINGLE, DistInfo, device_for
     from ppo_train.flops import FlopCounter, ModelShape, calibrate_peak
     from ppo_train.hostmem import for_training
     from ppo_train.losses import LOSSES
@@ -180,7 +180,8 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     schedule = Schedule(units, cfg.packing, t.micro_batch_size, t.seed)
     plans = [schedule.plan(0), Schedule(units, cfg.packing, t.micro_batch_size, t.seed).plan(1)]
     rss_before_model = probe.status_mib("VmRSS")
-    module = build_policy(cfg, tokenizer, SINGLE).to(device).train()
+    # built for this device: its attention backend is the one the Scorer resolves below
+    module = build_policy(cfg, tokenizer, DistInfo(0, 1, 0, device)).to(device).train()
     scorer = Scorer.from_config(cfg, units, tokenizer.pad_token_id, device, images=image_inputs(data.vision))
     encoder_calls = _count_calls(vision_tower(module.model))
     start = time.perf_counter()
@@ -282,13 +283,15 @@ def run_grid(overrides: list[str], opts: BenchOptions, log=print) -> dict:
     cfg = point_config(overrides, "shared", "ffd")
     stats = dataset_stats(cfg, load_tokenizer(cfg.model), limit=opts.num_units)
     points = []
-    for layout, packer in opts.grid:
+    for layout, packer, *backend in opts.grid:
         log(f"bench: {layout}+{packer} ...")
+        # a third field pins the attention backend of that point (else model.attention decides)
+        own = [*overrides, f"model.attention={backend[0]}"] if backend else overrides
         if opts.subprocess:
-            spec = {"kind": "point", "overrides": overrides, "layout": layout, "packer": packer, "opts": asdict(opts)}
+            spec = {"kind": "point", "overrides": own, "layout": layout, "packer": packer, "opts": asdict(opts)}
             row = _in_subprocess(spec)
         else:
-            row = run_point(overrides, layout, packer, opts)
+            row = run_point(own, layout, packer, opts)
         log(f"bench: {layout}+{packer}: {row['samples_per_s']:.2f} samples/s in {row['seconds']:.1f} s")
         points.append(row)
     add_speedups(points, stats)
@@ -374,7 +377,8 @@ def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(prog="scripts/bench.py", description=__doc__.split("\n")[0])
     ap.add_argument("overrides", nargs="*", help="config overrides as for pptrain, e.g. dataset.num_rows=64")
     ap.add_argument("--out", default="outputs/bench", help="output folder (bench.json, bench.md, bench.png)")
-    ap.add_argument("--grid", default=None, help="comma list of layout:packer, e.g. paired:none,shared:ffd")
+    ap.add_argument("--grid", default=None, help="comma list of layout:packer[:backend], e.g. paired:none:sdpa,shared:ffd:flex "
+                    "(backend: model.attention of that point; default: the overrides' model.attention)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed warm-up optimizer steps")
     ap.add_argument("--units-per-step", type=int, default=16, help="prompts per optimizer step")
     ap.add_argument("--num-units", type=int, default=None, help="cap on the prompts in the timed pass")

@@ -18,6 +18,8 @@ from tests.conftest import random_examples, tiny_model
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEVICE = torch.device("cuda", 0)
+# compiled flex on CUDA needs a head dimension of at least 16 (conftest's tiny model has 8)
+WIDE = dict(hidden_size=64, intermediate_size=128)
 
 
 def packing(name: str):
@@ -47,7 +49,7 @@ def test_compiled_flex_equals_dense_sdpa_forward_and_backward(packer):
     rows, lengths = static_shapes(units, packing(packer), 3)
     results = {}
     for backend, impl in (("flex", FLEX), ("sdpa", "sdpa")):
-        model = tiny_model("llama", attn=impl).to(DEVICE).train()
+        model = tiny_model("llama", attn=impl, **WIDE).to(DEVICE).train()
         scorer = Scorer(units, 96, backend, DEVICE, rows=rows if backend == "flex" else 1,
                         lengths=lengths if backend == "flex" else ())
         results[backend] = _scores(PolicyModule(model, 16), scorer, plan, grad=True)
@@ -64,7 +66,7 @@ def test_compiled_graphs_stay_within_the_bound_over_two_epochs():
 
     units = build_units(random_examples(30, 2, seed=3, prompt=(3, 300)), "paired")
     rows, lengths = static_shapes(units, packing("none"), 2)
-    model = tiny_model("llama", attn=FLEX).to(DEVICE).train()
+    model = tiny_model("llama", attn=FLEX, **WIDE).to(DEVICE).train()
     module = PolicyModule(model, 16)
     scorer = Scorer(units, 96, "flex", DEVICE, rows=rows, lengths=lengths)
     torch._dynamo.reset()

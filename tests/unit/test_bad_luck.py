@@ -209,6 +209,17 @@ def test_attention_dropout_is_refused_with_flex():
     assert architecture_problems(config, 0, "sdpa") == []
 
 
+def test_flex_needs_a_head_dimension_of_16():
+    """Inductor's CUDA flex kernel refuses head dimensions below 16; the GPU tests' models have 16."""
+    from ppo_train.model import architecture_problems
+    from tests.gpu.test_flex_cuda import WIDE
+
+    narrow = tiny_model().config  # hidden 32 / 4 heads
+    assert any(p.startswith("head_dim=8 with model.attention=flex") for p in architecture_problems(narrow, 0, "flex"))
+    assert architecture_problems(narrow, 0, "sdpa") == []
+    assert architecture_problems(tiny_model(**WIDE).config, 0, "flex") == []
+
+
 @pytest.mark.parametrize("policy", ["error", "skip"])
 def test_nonfinite_gradients_from_a_finite_loss_never_reach_the_weights(policy):
     """torch.where's untaken branch: a finite loss whose gradient is NaN."""

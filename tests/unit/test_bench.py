@@ -178,3 +178,40 @@ def test_vs_trl_rounds_take_turns_and_the_fastest_round_counts(monkeypatch):
     half = result["pptrain_bf16"]  # compared with TRL's own default (bf16 mixed precision) only
     assert half["pairs_per_s"] == 9.0 and abs(half["speedup_vs_trl_own_defaults"] - 18.0) < 1e-12
     assert "speedup_vs_trl_defaults" not in half
+
+
+def test_a_grid_point_may_pin_its_attention_backend(monkeypatch):
+    """`--grid paired:none:sdpa,shared:ffd:flex` (gpu_check's grid): each point trains with its
+    own model.attention; a point without a third field keeps the overrides' setting."""
+    import bench
+
+    seen = []
+
+    def fake_point(overrides, layout, packer, opts):
+        seen.append((layout, packer, [o for o in overrides if o.startswith("model.attention=")]))
+        return {"layout": layout, "packer": packer, "samples_per_s": 1.0, "seconds": 1.0, "total_tokens": 1}
+
+    monkeypatch.setattr(bench, "run_point", fake_point)
+    monkeypatch.setattr(bench, "_trl", lambda *a, **k: None)
+    opts = BenchOptions(grid=[("paired", "none", "sdpa"), ("shared", "ffd", "flex"), ("shared", "none")],
+                        num_units=4, subprocess=False, trl=False)
+    run_grid(SMALL, opts, log=lambda *_: None)
+    assert seen == [("paired", "none", ["model.attention=sdpa"]), ("shared", "ffd", ["model.attention=flex"]),
+                    ("shared", "none", [])]
+
+
+def test_a_model_and_a_scorer_of_different_backends_are_refused_by_name():
+    """The benchmark built its model for the CPU and its Scorer for CUDA: flex's BlockMask reached
+    SDPA ("attn_mask must be Tensor, not BlockMask"). Forced here on the CPU (flex forwards
+    without grad run on the CPU): the pairing is named instead."""
+    import torch
+
+    from ppo_train.errors import ModelLoadError
+    from ppo_train.scoring import PolicyModule, Scorer
+    from tests.conftest import random_examples, tiny_model
+
+    units = build_units(random_examples(2, 2), "shared")
+    module = PolicyModule(tiny_model("llama", attn="pptrain_sdpa"))
+    with torch.no_grad(), pytest.raises(ModelLoadError, match="the model's attention is 'pptrain_sdpa' but the batch "
+                                                               "carries a FlexAttention BlockMask"):
+        Scorer(units, 0, "flex")(module, None)

@@ -76,7 +76,8 @@ def _rank(rank: int, port: int, out: str) -> None:
     counts = d.reduce(torch.tensor([rank + 3]), info, "max")
     result = {"sum": summed.tolist(), "sum_dtype": str(summed.dtype), "max": counts.tolist(),
               "min": d.reduce_number(rank + 0.5, info, "min"), "any": d.any_rank(rank == 1, info),
-              "all": d.all_ranks(rank == 1, info), "objects": d.gather_objects({"r": rank}, info),
+              "all": d.all_ranks(rank == 1, info), "anys": d.any_ranks([rank == 1, False, True], info),
+              "objects": d.gather_objects({"r": rank}, info),
               "caller_unchanged": table.tolist()}
     torch.save(result, f"{out}/rank{rank}.pt")
     d.barrier(info)
@@ -89,5 +90,59 @@ def test_helpers_on_two_gloo_ranks(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["sum"] == [[3.0] * 3] * 2 and got["sum_dtype"] == "torch.float64", got
         assert got["max"] == [4] and got["min"] == 0.5 and got["any"] is True and got["all"] is False, got
-        assert got["objects"] == [{"r": 0}, {"r": 1}], got
+        assert got["objects"] == [{"r": 0}, {"r": 1}] and got["anys"] == [True, False, True], got
         assert got["caller_unchanged"] == [[float(rank + 1)] * 3] * 2, got
+
+
+def _reference_rank(rank: int, port: int, out: str) -> None:
+    """Rank 0's run directory holds a valid cached table, rank 1's does not (a run directory
+    that is not on a shared file system)."""
+    import datetime
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    from ppo_train import reference
+    from ppo_train.cli import compose
+    from ppo_train.data.layout import build_units
+    from ppo_train.data.schedule import Schedule
+    from ppo_train.dist import SINGLE
+    from ppo_train.scoring import PolicyModule, Scorer
+    from tests.conftest import random_examples, tiny_model
+
+    cfg = compose(["run_name=x", "packing=none"])
+    info = DistInfo(rank, 2, rank, torch.device("cpu"))
+    units = build_units(random_examples(6, 2), "shared")
+    scorer, module = Scorer(units, 0), PolicyModule(tiny_model())
+    run_dir = Path(out) / f"run{rank}"
+    run_dir.mkdir()
+    if rank == 0:  # what an earlier run left in rank 0's directory only
+        from omegaconf import OmegaConf
+
+        fp = reference.fingerprint(units, {"reference": OmegaConf.to_container(cfg.reference, resolve=True),
+                                           "model": OmegaConf.to_container(cfg.model, resolve=True),
+                                           "seed": cfg.trainer.seed, "precision": cfg.trainer.precision,
+                                           "layout": cfg.layout.name, "split": "train", "weights": {}})
+        plan = Schedule(units, cfg.packing, cfg.trainer.micro_batch_size, cfg.trainer.seed)
+        reference.compute_table(module, scorer, plan, SINGLE, fp).save(run_dir)
+    calls = []
+
+    def reference_model():
+        calls.append(1)
+        return module
+
+    if rank == 0:  # the cache is valid: alone, rank 0 would use it
+        assert reference.ReferenceTable.load(run_dir, fp) is not None
+    table = reference._table(cfg, reference_model, scorer, info, run_dir, "train", {})
+    torch.save({"computed": len(calls), "sums": table.sums}, f"{out}/rank{rank}.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_a_reference_cache_miss_on_one_rank_recomputes_on_every_rank(tmp_path):
+    """Each rank decided the cache hit alone: rank 0 skipped the forwards that rank 1 ran, and
+    under ZeRO-3 (collective gathers) the ranks hung. The hit is now agreed across ranks."""
+    mp.start_processes(_reference_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert [g["computed"] for g in got] == [1, 1], got
+    assert torch.equal(got[0]["sums"], got[1]["sums"])

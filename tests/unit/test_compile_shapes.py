@@ -74,3 +74,58 @@ def test_without_static_shapes_the_same_epochs_exceed_the_limit():
     """The reason for static shapes: unpadded none/sorted batches take many shapes."""
     seen, _ = shapes_and_graphs("paired", "none", static=False)
     assert len(seen) > torch._dynamo.config.recompile_limit, sorted(seen)
+
+
+def test_lora_training_passes_give_flex_one_grad_signature_per_row_length(monkeypatch):
+    """LoRA on q_proj/v_proj over frozen embeddings: layer 0's key needs no grad while its query and
+    value do. Dynamo guards on requires_grad, so without `same_grad` that doubled the training
+    graphs (3 lengths x 2 + 3 no-grad = 9, past the limit of 8). Every flex call of a training
+    pass is recorded (what the compiled function would be guarded on); flex itself has no CPU
+    backward, so the recorder stands in for it."""
+    from omegaconf import OmegaConf
+
+    import ppo_train.model as model_module
+    from ppo_train.lora import apply_lora
+    from ppo_train.model import FLEX
+    from ppo_train.scoring import PolicyModule
+    from tests.conftest import tiny_model
+
+    calls = []
+
+    def recorder(query):
+        def flex(q, k, v, **kwargs):
+            calls.append((torch.is_grad_enabled(), q.requires_grad, k.requires_grad, v.requires_grad, q.shape[2]))
+            return q * 1.0
+        return flex
+
+    monkeypatch.setattr(model_module, "_flex_kernel", recorder)
+    lora = OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]})
+    _, model = apply_lora(tiny_model("llama", attn=FLEX).train(), lora)
+    module = PolicyModule(model, 16)
+    units = build_units(examples(), "paired")
+    rows, lengths = static_shapes(units, packing("none"), 3)
+    scorer = Scorer(units, pad_id=0, backend="flex", rows=rows, lengths=lengths)
+    schedule = Schedule(units, packing("none"), 3, seed=1)
+    for step in list(schedule.steps())[:6]:
+        for mb in step.micro_batches:
+            scorer(module, mb)
+            with torch.no_grad():
+                scorer(module, mb)
+    trained = {c for c in calls if c[0]}
+    assert trained and all(c[1:4] == (True, True, True) for c in trained), sorted(trained)
+    per_length = {c[4] for c in trained}
+    assert len(trained) == len(per_length) <= len(lengths), sorted(trained)
+    assert {c[1:4] for c in calls if not c[0]} == {(False, False, False)}
+
+
+def test_same_grad_leaves_values_and_the_trained_inputs_alone():
+    from ppo_train.model import same_grad
+
+    q = torch.randn(1, 2, 4, 8, requires_grad=True)
+    k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8, requires_grad=True)
+    q2, k2, v2 = same_grad(q, k, v)
+    assert q2 is q and v2 is v and k2.requires_grad and torch.equal(k2, k)
+    with torch.no_grad():
+        assert same_grad(q, k, v) == (q, k, v)
+    frozen = (torch.randn(1), torch.randn(1), torch.randn(1))
+    assert same_grad(*frozen) == frozen
