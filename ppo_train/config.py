@@ -269,10 +269,17 @@ class TrainerConfig:
     log_every: int = 1
     eval_every: int = 0  # evaluate every N steps (0 = only after the last step); needs an eval split
     save_every: int = 500  # checkpoint every N optimizer steps (0 = never; SIGTERM/SIGINT still save)
+    # also checkpoint once this many minutes have passed since the last checkpoint (rank 0's clock;
+    # 0 = off): bounds what a SIGKILL (a launcher's, a scheduler's) can lose
+    save_every_minutes: float = 0.0
     keep_last: int = 2  # complete checkpoints kept
     resume: Optional[str] = None  # null | auto (newest complete checkpoint of this run dir) | a path
     on_nonfinite: OnNonfinite = OnNonfinite.error
     save_model: bool = True
+    # before the first update of every start (resumes too): a few responses of the first micro-batch
+    # scored by the training path and by plain separate forwards; past the precision's tolerance
+    # the run stops (ppo_train/selfcheck.py). false skips it; it never changes the run directory
+    self_check: bool = True
 
     def problems(self) -> list[str]:
         out = _positive("trainer", self, "epochs", "micro_batch_size", "log_every")
@@ -290,6 +297,8 @@ class TrainerConfig:
             out.append(f"trainer.lr={self.lr}: expected > 0")
         if len(self.adam_betas) != 2:
             out.append(f"trainer.adam_betas={list(self.adam_betas)}: expected two numbers")
+        if self.save_every_minutes < 0:
+            out.append(f"trainer.save_every_minutes={self.save_every_minutes}: expected >= 0 (0 = off)")
         if self.save_every < 0 or self.keep_last < 1:
             out.append(f"trainer.save_every={self.save_every}, trainer.keep_last={self.keep_last}: "
                        "expected >= 0 and >= 1")

@@ -47,3 +47,9 @@ class SaveFailed(PptrainError, RuntimeError):
 
 class ResumeError(PptrainError, RuntimeError):
     """A checkpoint that cannot be resumed: missing, damaged, or from a job with another data plan."""
+
+
+class SelfCheckFailed(PptrainError, RuntimeError):
+    """The first micro-batch's scores through the training path (packing, mask, attention kernel,
+    head) differ from plain separate forwards of the model past the precision's tolerance
+    (ppo_train/selfcheck.py); names the device, kernel, precision and worst difference."""

@@ -95,6 +95,7 @@ class MetricsWriter:
                  resume_step: int | None = None):
         self.enabled, self.wandb = enabled, wandb_run
         self.history: list[dict] = []
+        self.next_row: dict = {}  # keys for the next row written, once (add_to_next_row)
         self.file = None
         if enabled:
             path = run_dir / "metrics.jsonl"
@@ -112,9 +113,15 @@ class MetricsWriter:
                                                completed=resume_step or 0)
             self.progress.start()
 
+    def add_to_next_row(self, values: dict) -> None:
+        """Keys that go into the next row this process writes, and only that one (the
+        self-check's result: the first row of every start, resumes included)."""
+        self.next_row.update(values)
+
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
+        row, self.next_row = row | self.next_row, {}
         self.history.append(row)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()

@@ -24,7 +24,8 @@ from ppo_train.flops import Utilization
 from ppo_train.model import build_policy, dtype_of, image_inputs, load_tokenizer, lora_writer
 from ppo_train.reference import build_references
 from ppo_train.scoring import Scorer
-from ppo_train.signals import StopRequest
+from ppo_train.selfcheck import self_check
+from ppo_train.signals import SaveClock, StopRequest
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
@@ -62,9 +63,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
 
     live = cfg.reference.live and reference is not None
     utilization = Utilization.measure(engine.module.model, loss.reward_head, live, dist.device, dtype_of(t.precision))
-    stop, skipped, done, began = StopRequest(), 0, start or 0, time.perf_counter()
+    stop, clock, skipped, done, began = StopRequest(), SaveClock(t.save_every_minutes), 0, start or 0, time.perf_counter()
     hostmem.for_training(t, dist.device)  # the loop's recurring blocks, after the start-up's one-off ones
     engine.train()
+    # before the first update of every start: the training path against plain forwards (raises past tolerance)
+    writer.add_to_next_row(self_check(cfg, engine, scorer, data.examples, next(schedule.steps(done), None), dist))
     for step in schedule.steps(done):
         tracker = StepMetrics(utilization)
         for mb in step.micro_batches:
@@ -88,23 +91,27 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
             writer.write(row)
         if data.eval_units and ((t.eval_every and done % t.eval_every == 0) or done == schedule.total_steps):
             writer.write(evaluate(engine, scorer.with_units(data.eval_units), eval_reference, cfg, dist) | {"step": done})
-        stopping = stop.any_rank(dist)
-        if stopping or (t.save_every and done % t.save_every == 0 and done < schedule.total_steps):
-            checkpoint.save(engine, run_dir, done, step.epoch, {"total_steps": schedule.total_steps, "plan": plan},
-                            t.keep_last)
+        stopping, timed = stop.poll(dist, dist.is_main and clock.due())  # rank 0's clock decides
+        if stopping or timed or (t.save_every and done % t.save_every == 0 and done < schedule.total_steps):
+            with stop.saving():
+                checkpoint.save(engine, run_dir, done, step.epoch, {"total_steps": schedule.total_steps, "plan": plan},
+                                t.keep_last)
+            clock.reset()
         if stopping:
             break
-    stop.restore()
     writer.close()
 
     if stop.requested and done < schedule.total_steps:
+        stop.restore()
         if dist.is_main:
-            print(f"pptrain: stopped by a signal at step {done}; checkpoint saved, resume with trainer.resume=auto",
-                  file=sys.stderr)
+            print(f"pptrain: stopped by a signal at step {done}; the checkpoint is in {checkpoint.checkpoint_root(run_dir)}; "
+                  "the same command with trainer.resume=auto continues from it", file=sys.stderr)
         return writer.history
     if t.save_model:
         saver = data.vision.processor if data.vision is not None else tokenizer  # a VLM's export carries its processor
-        engine.export(run_dir / "model", saver, lora_writer(cfg, tokenizer) if cfg.model.lora.enabled else None)
+        with stop.saving():
+            engine.export(run_dir / "model", saver, lora_writer(cfg, tokenizer) if cfg.model.lora.enabled else None)
+    stop.restore()
     if dist.is_main:
         _print_summary(writer.history, data, run_dir, done, time.perf_counter() - began)
     return writer.history

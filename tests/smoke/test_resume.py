@@ -81,10 +81,14 @@ def test_sigkill_then_the_same_command_with_resume_auto_continues(tmp_path):
     assert not list((run_dir / "checkpoints").glob("tmp-*")), "an unfinished save was left behind"
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+def test_ctrl_c_under_a_launcher_saves_a_checkpoint_and_exits_zero(tmp_path):
+    """Ctrl-C under the deepspeed launcher: the terminal's SIGINT, then the launcher's SIGTERM
+    (a second signal used to abort without saving)."""
     run_dir = tmp_path / "run"
     proc = start(run_dir, "trainer.save_every=0")
     wait_for_rows(proc, run_dir / "metrics.jsonl", 2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
