@@ -105,6 +105,7 @@ def test_two_ranks_load_a_pretrained_model_partitioned(big_model, tmp_path):
     assert abs(sum(p["own_elements"] for p in parts) - total) <= 0.01 * total, report
 
 
+@pytest.mark.slow  # 40 s on 2 cores: the default suite keeps the partitioned load itself (above)
 def test_sharded_load_trains_like_one_unsharded_rank(big_model, tmp_path):
     common = [f"model.name_or_path={big_model}", "model.from_config=null", *DATA]
     one = run_pptrain(tmp_path / "one", *common, "trainer.grad_accum=2", "trainer.zero_stage=0")
