@@ -7,6 +7,12 @@ Layout of `<run>/checkpoints/step-<N>/`:
   rng.pt         torch/numpy/python RNG states of rank 0 (tensors only: torch.load weights_only=True)
   COMPLETE       written last; a folder without it is an interrupted save and is ignored
 
+The last step of a run always saves one (also with trainer.save_every=0): a finished run is a
+checkpoint, and a larger trainer.max_steps (or trainer.epochs) with trainer.resume=auto
+continues it. `<run>/finished.json` is written after the final checkpoint and the export: it
+names the step the run finished at, so that the same command run again does nothing
+(`check_finished`).
+
 Every save goes to `tmp-step-<N>` and is renamed into place only when complete, so a crash
 mid-save leaves the previous checkpoint whole; the oldest beyond `trainer.keep_last` are removed
 only after the new one is in place. A save that fails (disk full, permissions) says why on every
@@ -24,16 +30,19 @@ import random
 import re
 import shutil
 import sys
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ppo_train import fileio
 from ppo_train.dist import gather_objects
 from ppo_train.errors import WRITE_ERRORS, ResumeError, SaveFailed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+FINISHED = "finished.json"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -57,9 +66,10 @@ def manifest(folder: Path) -> dict[str, int]:
 
 
 def plan_identity(cfg, units, dist) -> dict:
-    """What fixes the step-to-data mapping: the tokens of every unit, the layout, the packer and
-    its budget, the micro-batch and accumulation settings, the seed and the world size. A resume
-    under another value would map the step number onto other examples."""
+    """What a resume must not change. The data plan fixes the step-to-data mapping: the tokens
+    of every unit, the layout, the packer and its budget, the micro-batch and accumulation
+    settings, the seed and the world size (under another value the step number would map onto
+    other examples). The job (`job_identity`) fixes what each step does with them."""
     h = hashlib.sha256()
     for u in units:
         h.update(u.input_ids.tobytes())
@@ -73,13 +83,48 @@ def plan_identity(cfg, units, dist) -> dict:
             "packing.name": str(p.name), **budget, "trainer.grad_accum": cfg.trainer.grad_accum,
             "trainer.seed": cfg.trainer.seed, "world size": dist.world_size,
             "dataset": {k: str(v) for k, v in cfg.dataset.items()}, "model.tokenizer": str(cfg.model.tokenizer
-                                                                                         or cfg.model.name_or_path)}
+                                                                                         or cfg.model.name_or_path),
+            "job": job_identity(cfg, dist.world_size)}
+
+
+# the trainer keys that change the optimization; the step counts (max_steps, epochs), when to
+# save, log or evaluate, the device and the memory settings (offload, gradient checkpointing,
+# which compute the same numbers) are not part of a job: an extension changes them freely
+JOB_TRAINER_KEYS = ("lr", "schedule", "warmup_ratio", "weight_decay", "adam_betas", "adam_eps", "max_grad_norm",
+                    "precision")
+JOB_MODEL_KEYS = ("name_or_path", "from_config", "gguf_file", "revision", "train_vision_tower")
+
+
+def job_identity(cfg, world_size: int) -> dict[str, str]:
+    """Every key that changes the optimization, as `key -> value` (JSON text, resolved): the
+    loss and all its parameters, the optimizer and schedule, the precision, the resolved ZeRO
+    stage, the policy (and its LoRA settings) and the reference model. A resume under another
+    value would continue another job under the old run's name (and DeepSpeed would keep the
+    saved learning rate), so it is refused naming the key."""
+    from ppo_train.engine import zero_stage
+
+    def plain(value) -> str:
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True, enum_to_str=True)
+        return json.dumps(str(value) if isinstance(value, Enum) else value, sort_keys=True)
+
+    t, m = cfg.trainer, cfg.model
+    keys = {f"loss.{k}": v for k, v in cfg.loss.items()}
+    keys.update({f"trainer.{k}": t[k] for k in JOB_TRAINER_KEYS})
+    keys["trainer.zero_stage"] = zero_stage(t, world_size)
+    keys.update({f"model.{k}": m[k] for k in JOB_MODEL_KEYS})
+    keys.update({f"model.lora.{k}": v for k, v in m.lora.items() if k != "merge_on_export"})
+    keys.update({f"reference.{k}": cfg.reference[k] for k in ("name_or_path", "gguf_file")})
+    return {k: plain(v) for k, v in keys.items()}
 
 
 def plan_changes(saved: dict, now: dict) -> list[str]:
-    """`key old -> new` for every part of the data plan that differs (empty: the same plan)."""
+    """`key old -> new` for every part of the data plan or the job that differs (empty: the
+    same job). A checkpoint saved before a key was recorded is not compared on that key."""
     changes = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in now
-               if k not in ("dataset", "model.tokenizer", "data tokens") and saved.get(k) != now.get(k)]
+               if k not in ("dataset", "model.tokenizer", "data tokens", "job") and saved.get(k) != now.get(k)]
+    old_job = saved.get("job", {})
+    changes += [f"{k} {old_job[k]} -> {v}" for k, v in now.get("job", {}).items() if k in old_job and old_job[k] != v]
     if saved.get("data tokens") != now.get("data tokens"):
         keys = [f"dataset.{k} {saved['dataset'].get(k)!r} -> {v!r}" for k, v in now["dataset"].items()
                 if saved.get("dataset", {}).get(k) != v]
@@ -112,13 +157,59 @@ def will_resume(run_dir: Path, setting: str | None) -> bool:
     """Before anything is written: whether this start continues a checkpoint. A fresh start
     (trainer.resume=null) in a directory that holds checkpoints is refused, so that one run's
     checkpoints are never mixed with another's (keep_last would keep the older run's later
-    steps, and trainer.resume=auto would pick them up)."""
+    steps, and trainer.resume=auto would pick them up); a finished run is let through, for
+    `check_finished` to decide once the step count is known."""
     found = complete_checkpoints(run_dir)
-    if setting is None and found:
+    if setting is None and found and finished_at(run_dir) is None:
         raise ResumeError(f"{run_dir} holds checkpoints of an earlier run (newest: {found[-1].name}); "
                           "trainer.resume=auto continues it; to start over, delete "
                           f"{checkpoint_root(run_dir)} or give the run another directory (hydra.run.dir=...)")
     return setting is not None and (setting != "auto" or bool(found))
+
+
+def finished_at(run_dir: Path) -> dict | None:
+    """finished.json of a run whose last step is still its newest complete checkpoint, else
+    None (never finished, or extended since: a newer checkpoint exists, or that one is gone)."""
+    try:
+        meta = json.loads((run_dir / FINISHED).read_text())
+    except (OSError, ValueError):
+        return None
+    found = complete_checkpoints(run_dir)
+    if not isinstance(meta, dict) or not found or found[-1].name != f"step-{meta.get('step')}":
+        return None
+    return meta
+
+
+def mark_finished(run_dir: Path, step: int, exported: bool) -> None:
+    """Rank 0, after the final checkpoint and the export: the run is complete at `step`."""
+    fileio.write_text(run_dir / FINISHED, json.dumps({"step": step, "model": exported}, indent=2) + "\n")
+
+
+def check_finished(run_dir: Path, setting: str | None, total_steps: int, want_model: bool,
+                   identity: dict) -> int | None:
+    """A run directory that holds a finished run: the step it finished at when this start has
+    nothing to do (the same command again, with or without trainer.resume=auto: the caller says
+    so and exits), None when it goes on (an extension with trainer.resume=auto, or an explicit
+    trainer.resume=PATH). The finished run must be the same job (`plan_identity`). Refused
+    without trainer.resume: a larger step count (it would start over and overwrite the model)."""
+    meta = finished_at(run_dir)
+    if meta is None or setting not in (None, "auto"):
+        return None
+    step, path = meta["step"], checkpoint_root(run_dir) / f"step-{meta['step']}"
+    try:
+        saved = json.loads((path / "trainer.json").read_text())
+    except (OSError, ValueError):
+        saved = {}  # damaged: resume() names it and falls back
+    _refuse_another_plan(path, saved, identity)
+    if step >= total_steps and (meta.get("model") or not want_model):
+        return step
+    if setting is None:
+        wanted = (f"asks for {total_steps} steps" if step < total_steps
+                  else "asks for the exported model (trainer.save_model=true), which that run did not write")
+        raise ResumeError(f"{run_dir} holds a run that finished at step {step}; this command {wanted}: the same "
+                          "command with trainer.resume=auto continues it; to start over, delete the directory or "
+                          "give the run another one (hydra.run.dir=...)")
+    return None
 
 
 def _candidates(run_dir: Path, setting: str | None) -> list[Path]:
@@ -139,15 +230,15 @@ def _candidates(run_dir: Path, setting: str | None) -> list[Path]:
 def _refuse_another_plan(path: Path, meta: dict, identity: dict) -> None:
     changes = plan_changes(meta["plan"], identity) if "plan" in meta else []
     if changes:
-        raise ResumeError(f"trainer.resume: {path} was trained with another data plan ({'; '.join(changes)}): from "
-                          f"step {meta['step']} this run would not train what that run would have (other examples, "
-                          "or the same ones in other micro-batches and optimizer steps). Resume with the settings "
-                          "it was saved with, or start a new run directory")
+        raise ResumeError(f"trainer.resume: {path} was trained as another job ({'; '.join(changes)}): from step "
+                          f"{meta['step']} this run would not train what that run would have (other examples, the "
+                          "same ones in other micro-batches and optimizer steps, or another loss, optimizer or "
+                          "model). Resume with the settings it was saved with, or start a new run directory")
 
 
 def check_plan(run_dir: Path, setting: str | None, identity: dict) -> None:
-    """Before the model loads: refuse to continue a checkpoint trained with another data plan
-    (`plan_identity`), naming each change."""
+    """Before the model loads: refuse to continue a checkpoint of another job (another data
+    plan or another optimization: `plan_identity`), naming each change."""
     for path in _candidates(run_dir, setting):
         try:
             meta = json.loads((path / "trainer.json").read_text())
@@ -161,7 +252,7 @@ def resume(engine, run_dir: Path, setting: str | None, identity: dict) -> int | 
     """Restore the checkpoint that `trainer.resume` names and return its step; None when
     training starts fresh. `auto` takes the newest complete checkpoint of the run directory and
     falls back to the one before it when the newest is damaged (each damaged one is named); a
-    checkpoint of a job with another data plan is refused (check_plan)."""
+    checkpoint of another job is refused (check_plan)."""
     dist = engine.dist
     candidates = _candidates(run_dir, setting)
     if setting == "auto" and not candidates:

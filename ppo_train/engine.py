@@ -93,7 +93,14 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 
 
 class Engine:
-    """A DeepSpeed engine around the policy module, with AdamW and a warmup schedule."""
+    """A DeepSpeed engine around the policy module, with AdamW and a warmup schedule.
+
+    The schedule is a function of the run's total step count: warmup is `warmup_ratio` of it,
+    and linear/cosine decay reach 0 at its end. A finished run extended to more steps
+    (trainer.resume=auto with a larger trainer.max_steps) takes the schedule of its new total
+    from the step it resumes at: the steps already taken keep the rates they had, the next ones
+    follow the longer schedule (after a decay to 0 the rate rises again to where that schedule
+    stands)."""
 
     def __init__(self, module: torch.nn.Module, t: DictConfig, total_steps: int, dist: DistInfo):
         import deepspeed
@@ -197,6 +204,12 @@ class Engine:
                                               load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {folder}")
+        # The saved scheduler holds the step count and the rate for the next step under the
+        # saved run's length (a LambdaLR saves no function). A run extended to more steps goes
+        # on with this run's schedule: recompute the next step's rate from it (the same value
+        # when the length did not change).
+        self.scheduler.last_epoch -= 1
+        self.scheduler.step()
 
     def export(self, out_dir: Path, tokenizer, writer=None) -> None:
         """Gather the (possibly ZeRO-3 partitioned) weights and write them with save_pretrained,

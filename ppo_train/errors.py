@@ -46,7 +46,7 @@ class SaveFailed(PptrainError, RuntimeError):
 
 
 class ResumeError(PptrainError, RuntimeError):
-    """A checkpoint that cannot be resumed: missing, damaged, or from a job with another data plan."""
+    """A checkpoint that cannot be resumed: missing, damaged, or from another job (data plan or optimization)."""
 
 
 class SelfCheckFailed(PptrainError, RuntimeError):

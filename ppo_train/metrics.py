@@ -68,7 +68,7 @@ class StepMetrics:
         return row
 
 
-def _rows_up_to(path: Path, step: int) -> list[dict]:
+def rows_up_to(path: Path, step: int) -> list[dict]:
     """The rows of `path` up to `step` (later ones are trained again). A line that does not
     parse (a kill in the middle of a write leaves a torn last line) is dropped and counted."""
     rows, torn = [], 0
@@ -100,7 +100,7 @@ class MetricsWriter:
         if enabled:
             path = run_dir / "metrics.jsonl"
             if resume_step is not None and path.exists():
-                self.history = _rows_up_to(path, resume_step)
+                self.history = rows_up_to(path, resume_step)
                 fileio.write_text(path, "".join(json.dumps(row) + "\n" for row in self.history))
             self.file = open(path, "a" if resume_step is not None else "w")
         self.progress = None

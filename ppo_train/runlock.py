@@ -71,9 +71,12 @@ class RunLock:
 
     def _take_over_if_stale(self) -> None:
         try:
-            holder = json.loads(self.path.read_text() or "{}")
+            text = self.path.read_text()
+            holder = json.loads(text or "{}")
         except (OSError, ValueError):
-            holder = {}  # being written right now, or torn: treat as held unless old
+            text, holder = None, {}  # being written right now, or torn: treat as held unless old
+        if not isinstance(holder, dict):  # valid JSON that is not pptrain's lock object: torn as well
+            holder = {}
         host, pid, when = holder.get("host"), holder.get("pid"), float(holder.get("time", 0) or 0)
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
         if not holder:
@@ -97,9 +100,9 @@ class RunLock:
         except FileNotFoundError:
             return  # another process took it over first; try again
         try:
-            if json.loads(aside.read_text() or "{}") != holder:  # a fresh lock replaced the stale one meanwhile
+            if aside.read_text() != text:  # a fresh lock replaced the stale one meanwhile
                 os.link(aside, self.path)  # put it back unless yet another lock exists
-        except (OSError, ValueError):
+        except OSError:
             pass
         aside.unlink(missing_ok=True)
 

@@ -19,7 +19,7 @@ from ppo_train.dist import DistInfo, all_ranks, init_distributed
 from ppo_train.engine import Engine
 from ppo_train.errors import ConfigError, NonFiniteLoss
 from ppo_train.losses import LOSSES
-from ppo_train.metrics import MetricsWriter, StepMetrics, summary_table
+from ppo_train.metrics import MetricsWriter, StepMetrics, rows_up_to, summary_table
 from ppo_train.flops import Utilization
 from ppo_train.model import build_policy, dtype_of, image_inputs, load_tokenizer, lora_writer
 from ppo_train.reference import build_references
@@ -42,12 +42,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
         _vision_zero_stage(t, dist)
     plan = checkpoint.plan_identity(cfg, data.units, dist)  # what a resume must not change
     checkpoint.check_plan(run_dir, t.resume, plan)
+    schedule = Schedule.from_config(cfg, data.units, dist)
+    finished = checkpoint.check_finished(run_dir, t.resume, schedule.total_steps, t.save_model, plan)
+    if finished is not None:  # the same command over a finished run: nothing to do, nothing rewritten
+        if dist.is_main:
+            print(f"pptrain: {run_dir} finished at step {finished}; a larger trainer.max_steps with "
+                  "trainer.resume=auto extends it; delete the directory to start over", file=sys.stderr)
+        metrics = run_dir / "metrics.jsonl"
+        return rows_up_to(metrics, finished) if dist.is_main and metrics.exists() else []
     if dist.is_main:  # before training, so a run that stops early has them; a resumed run keeps its config.yaml
         fileio.write_text(run_dir / ("config.resumed.yaml" if resuming else "config.yaml"),
                           OmegaConf.to_yaml(cfg, resolve=True))
         fileio.write_text(run_dir / "data_report.json",
                           json.dumps({**data.report(), "skipped_rows": data.skipped_rows()}, indent=2))
-    schedule = Schedule.from_config(cfg, data.units, dist)
 
     # model, engine, reference scores (before the first update)
     policy = build_policy(cfg, tokenizer, dist, data.longest_sequence)
@@ -92,7 +99,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
         if data.eval_units and ((t.eval_every and done % t.eval_every == 0) or done == schedule.total_steps):
             writer.write(evaluate(engine, scorer.with_units(data.eval_units), eval_reference, cfg, dist) | {"step": done})
         stopping, timed = stop.poll(dist, dist.is_main and clock.due())  # rank 0's clock decides
-        if stopping or timed or (t.save_every and done % t.save_every == 0 and done < schedule.total_steps):
+        # the last step always saves: a finished run is a checkpoint that an extension continues
+        if stopping or timed or (t.save_every and done % t.save_every == 0) or done == schedule.total_steps:
             with stop.saving():
                 checkpoint.save(engine, run_dir, done, step.epoch, {"total_steps": schedule.total_steps, "plan": plan},
                                 t.keep_last)
@@ -112,6 +120,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
         with stop.saving():
             engine.export(run_dir / "model", saver, lora_writer(cfg, tokenizer) if cfg.model.lora.enabled else None)
     stop.restore()
+    if dist.is_main:  # last: the final checkpoint and the export are in place
+        checkpoint.mark_finished(run_dir, done, t.save_model)
     if dist.is_main:
         _print_summary(writer.history, data, run_dir, done, time.perf_counter() - began)
     return writer.history

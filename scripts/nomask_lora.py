@@ -14,6 +14,7 @@ Writes outputs/nomask_lora/{nomask_lora.json, nomask_lora.md}.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -83,6 +84,7 @@ def main(argv: list[str]) -> dict:
             "unmasked+ffd (LoRA)": ["layout=unmasked"]}
     for name, extra in runs.items():
         run_dir = out_dir / name.split()[0].replace("+", "_")
+        shutil.rmtree(run_dir, ignore_errors=True)  # this script's own folder: a new measurement each time
         rows = [r for r in train(compose(overrides + extra), run_dir) if r.get("loss") is not None]
         merged = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
         result[name] = {"samples_per_s": sum(r["samples_per_s"] for r in rows[1:]) / max(1, len(rows) - 1),

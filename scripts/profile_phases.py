@@ -15,6 +15,7 @@ Writes outputs/profile/phases.json and prints a Markdown table.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,8 +40,10 @@ def main(argv: list[str]) -> dict:
     run_dir = out / "run"
     cfg = compose(overrides)
     began = time.perf_counter()
+    shutil.rmtree(run_dir, ignore_errors=True)  # this script's own folder: every train() starts fresh
     plain = train(cfg, run_dir)
     plain_s = loop_seconds(plain)
+    shutil.rmtree(run_dir, ignore_errors=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, record_shapes=False) as prof:
         profiled = train(cfg, run_dir)

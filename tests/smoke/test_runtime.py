@@ -4,6 +4,8 @@ step and the source rows, or is skipped and counted."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -41,6 +43,7 @@ def test_nonfinite_loss_stops_with_step_and_rows_or_is_skipped(tmp_path):
     run_dir = tmp_path / "run"
     train(compose(BASE + ["trainer.max_steps=1"]), run_dir)
     _poison_reference(run_dir)  # same fingerprint: the next run reuses the poisoned table
+    shutil.rmtree(run_dir / "checkpoints")  # and starts over (the 1-step run is finished)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 \(source rows \[\d+"):
         train(compose(BASE), run_dir)
     rows = train(compose(BASE + ["trainer.on_nonfinite=skip"]), run_dir)

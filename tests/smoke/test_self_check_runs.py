@@ -5,6 +5,8 @@ what stopped it); layout=unmasked is skipped and says so. One step of 8-24 rows 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from ppo_train.cli import compose
@@ -90,6 +92,7 @@ def test_a_resumed_start_checks_again_and_records_it_in_its_first_row(tmp_path):
     base = [a for a in BASE if not a.startswith(("trainer.max_steps", "trainer.save_every"))]
     first = train(compose(base + ["trainer.max_steps=2", "trainer.save_every=1"]), run)
     assert "self_check/responses" in first[0] and "self_check/responses" not in first[1], first
+    shutil.rmtree(run / "checkpoints" / "step-2")  # as if killed during step 2 (its final checkpoint)
     resumed = train(compose(base + ["trainer.max_steps=2", "trainer.save_every=1", "trainer.resume=auto"]), run)
     assert [r["step"] for r in resumed] == [1, 2], resumed
     assert resumed[0] == first[0] and resumed[1]["self_check/responses"] >= 2, resumed
