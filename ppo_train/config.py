@@ -176,9 +176,15 @@ class DatasetConfig:
     eval_path: Optional[str] = None
     # Invalid rows: error stops with the file, row and field; skip drops and counts them.
     on_invalid: OnInvalid = OnInvalid.error
+    # Images with more pixels than this are invalid rows (PIL's decompression-bomb guard,
+    # PIL.Image.MAX_IMAGE_PIXELS; the default is PIL's own). null: no limit.
+    max_image_pixels: Optional[int] = 89_478_485
 
     def problems(self) -> list[str]:
         out = _positive("dataset", self, "max_prompt_length", "max_response_length")
+        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
+            out.append(f"dataset.max_image_pixels={self.max_image_pixels}: expected a positive integer or null "
+                       "(no limit)")
         if self.num_rows is not None and self.num_rows <= 0:
             out.append(f"dataset.num_rows={self.num_rows}: expected a positive integer or null")
         if self.max_responses is not None and self.max_responses < 2:

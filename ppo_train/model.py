@@ -359,7 +359,7 @@ def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) ->
     if not cfg.model.train_vision_tower:
         freeze_vision_tower(model)
     if cfg.model.lora.enabled:
-        peft_model, model = apply_lora(model, cfg.model.lora, reward=reward)
+        peft_model, model = apply_lora(model, cfg.model.lora, reward=reward, tower_trains=cfg.model.train_vision_tower)
         if dist.is_main:
             peft_model.print_trainable_parameters()
     if cfg.trainer.gradient_checkpointing:
@@ -370,10 +370,11 @@ def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) ->
     return RewardModule(model) if reward else PolicyModule(model, cfg.model.logits_chunk, dist, recompute)
 
 
-def lora_writer(cfg: DictConfig, tokenizer):
+def lora_writer(cfg: DictConfig, tokenizer, saver=None):
     """The `writer(state, out_dir)` that Engine.export calls on rank 0 for a LoRA run: a fresh
     model (same config and seed) receives the gathered weights with its adapters and is written
-    by lora.export_lora (adapters, and the merged model if asked)."""
+    by lora.export_lora (adapters, and the merged model if asked) with `saver`'s files (default:
+    the tokenizer; a vision-language model passes its processor)."""
     from ppo_train.losses import LOSSES
 
     reward = LOSSES[cfg.loss.name].reward_head
@@ -381,6 +382,7 @@ def lora_writer(cfg: DictConfig, tokenizer):
     def write(state: dict, out_dir: Path) -> None:
         fresh = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision), "sdpa", cfg.trainer.seed,
                                reward=reward, pad_token_id=tokenizer.pad_token_id)
-        export_lora(state, fresh, cfg.model.lora, out_dir, tokenizer, reward=reward)
+        export_lora(state, fresh, cfg.model.lora, out_dir, saver or tokenizer, reward=reward,
+                    tower_trains=cfg.model.train_vision_tower)
 
     return write

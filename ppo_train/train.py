@@ -118,7 +118,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     if t.save_model:
         saver = data.vision.processor if data.vision is not None else tokenizer  # a VLM's export carries its processor
         with stop.saving():
-            engine.export(run_dir / "model", saver, lora_writer(cfg, tokenizer) if cfg.model.lora.enabled else None)
+            engine.export(run_dir / "model", saver, lora_writer(cfg, tokenizer, saver) if cfg.model.lora.enabled else None)
     stop.restore()
     if dist.is_main:  # last: the final checkpoint and the export are in place
         checkpoint.mark_finished(run_dir, done, t.save_model)

@@ -25,6 +25,7 @@ import hashlib
 import inspect
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,19 +42,35 @@ def is_vision_config(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
+def set_pixel_limit(limit: int | None) -> None:
+    """`dataset.max_image_pixels`: PIL's own decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`,
+    the documented setting), for every image this process opens: an image with more pixels is an
+    invalid row (open_image) instead of PIL's warning, or its error at twice the limit. None: no
+    limit."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = limit
+
+
 def open_image(ref, where: str = "image"):
     """A decoded PIL image from a reference (path, bytes or PIL image); DataError naming
-    `where` when the file is missing, cannot be decoded or has no pixels."""
+    `where` when the file is missing, cannot be decoded, has no pixels or more than
+    dataset.max_image_pixels (set_pixel_limit)."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(ref, Image.Image):
         image = ref
     else:
         try:
-            image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)  # reads the header only
             image.load()
         except FileNotFoundError:
             raise DataError(f"{where}: image file {ref!r} not found") from None
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            raise DataError(f"{where}: the image has more pixels than dataset.max_image_pixels="
+                            f"{Image.MAX_IMAGE_PIXELS} ({err}); raise the limit if the file is trusted") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             name = f"{len(ref)} bytes" if isinstance(ref, bytes) else repr(ref)
             raise DataError(f"{where}: cannot decode the image ({name}): {err}") from None
@@ -64,12 +81,17 @@ def open_image(ref, where: str = "image"):
 
 def image_ref(value: Any, where: str, base_dir: Path | None):
     """Normalize one entry of a row's `images` to a reference open_image accepts (and check
-    that it opens): a relative path is taken from `base_dir` (the data file's folder)."""
+    that it opens): a relative path is taken from `base_dir` (the data file's folder). URLs are
+    not fetched (a training job should not depend on a web server): download the images and
+    give their paths, or load the data through a hub dataset whose image column holds them."""
     from PIL import Image
 
     if isinstance(value, dict):  # a datasets Image column read without decoding
         value = value.get("bytes") or value.get("path")
     if isinstance(value, str):
+        if "://" in value:
+            raise DataError(f"{where}: {value!r} is a URL; images are not downloaded: give a local path (relative "
+                            "to the data file's folder), bytes, or a hub dataset whose image column holds them")
         path = Path(value).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path

@@ -374,6 +374,9 @@ def field_label(fmt: str) -> str:
 
 
 def load_examples(cfg: DictConfig, path: str | None = None) -> tuple[list[PreferenceExample], LoadReport]:
+    from ppo_train.vision import set_pixel_limit
+
+    set_pixel_limit(cfg.max_image_pixels)
     ds = load_rows(cfg, path)
     source = str(path or cfg.path)
     fmt = cfg.format if cfg.format != "auto" else detect_format(ds.column_names, source)

@@ -62,13 +62,14 @@ class TokenizeReport:
     truncated_responses: int = 0
     dropped_too_long: int = 0
     special_token_rows: int = 0  # rows skipped because their text holds a special token
+    image_rows: int = 0  # rows skipped because the processor cannot take their images
     skip_messages: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, int]:
         return {"examples": self.examples, "truncated_prompts": self.truncated_prompts,
                 "truncated_responses": self.truncated_responses, "dropped_too_long": self.dropped_too_long,
-                "rows_with_special_tokens": self.special_token_rows}
+                "rows_with_special_tokens": self.special_token_rows, "rows_with_unusable_images": self.image_rows}
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,12 @@ class VisionText:
         from ppo_train.vision import open_image
 
         opened = [open_image(r) for r in images or []]
-        out = self.processor(text=[text], images=opened or None, add_special_tokens=add_special_tokens,
-                             return_tensors="pt")
+        try:
+            out = self.processor(text=[text], images=opened or None, add_special_tokens=add_special_tokens,
+                                 return_tensors="pt")
+        except ValueError as err:  # e.g. Qwen2-VL's smart_resize: an aspect ratio of 200 or more
+            sizes = ", ".join(f"{im.width}x{im.height}" for im in opened)
+            raise DataError(f"the processor cannot take the image(s) ({sizes}): {err}") from None
         ids = out["input_ids"][0].tolist()
         token = getattr(self.processor, "image_token_id", None)
         count = sum(1 for i in ids if i == token) if token is not None else 0
@@ -184,7 +189,12 @@ def tokenize_examples(examples: list[PreferenceExample], tokenizer, cfg: DictCon
             try:
                 prompt_ids, mrope, delta, image_tokens = vision.prompt(prompt, ex.images, not templated)
             except DataError as err:
-                raise DataError(f"{source or cfg.path} row {ex.index}: {err}") from None
+                message = f"{source or cfg.path} row {ex.index}: {err}"
+                if cfg.on_invalid != "skip":
+                    raise DataError(f"{message} (dataset.on_invalid=skip skips such rows and counts them)") from None
+                report.image_rows += 1
+                report.skip_messages.append(message)
+                continue
         else:
             prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
         response_ids = [_response_ids(tokenizer, r) for r in responses]

@@ -111,6 +111,7 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2**20, 4 * 2**20))
 
 
+@pytest.mark.slow  # 24 s; the default suite writes a failed export in test_finished_runs
 def test_a_save_that_cannot_be_written_keeps_the_previous_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     small = ["dataset.num_rows=40", "packing.row_tokens=1024", "trainer.save_every=2"]

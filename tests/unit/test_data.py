@@ -19,11 +19,11 @@ def tok():
 
 
 def dcfg(path, **kw):
-    base = dict(path=str(path), name=None, split="train", format="auto", response_marker="\n\nAssistant:",
-                num_rows=None, max_prompt_length=4096, max_response_length=4096, length_policy="truncate",
-                on_invalid="error")
-    base.update(kw)
-    return OmegaConf.create(base)
+    """The dataset group's defaults (DatasetConfig) with long length limits and `kw` on top."""
+    from ppo_train.config import DatasetConfig
+
+    base = dict(path=str(path), max_prompt_length=4096, max_response_length=4096)
+    return OmegaConf.merge(OmegaConf.structured(DatasetConfig), {**base, **kw})
 
 
 def write_jsonl(tmp_path, rows, name="d.jsonl"):

@@ -23,10 +23,11 @@ CAT = str(asset_path("vision/images/chelsea.jpg"))
 
 
 def dataset_cfg(path, **kw):
-    base = {"path": str(path), "name": None, "split": "train", "format": "auto", "on_invalid": "error",
-            "num_rows": None, "max_responses": None, "response_marker": "\n\nAssistant:",
-            "max_prompt_length": 512, "max_response_length": 64, "length_policy": "truncate"}
-    return OmegaConf.create({**base, **kw})
+    """The dataset group's defaults (DatasetConfig) with `kw` on top."""
+    from ppo_train.config import DatasetConfig
+
+    base = {"path": str(path), "max_response_length": 64}
+    return OmegaConf.merge(OmegaConf.structured(DatasetConfig), {**base, **kw})
 
 
 def row(images, parts=None, answer="A cat."):
@@ -139,6 +140,60 @@ def test_image_prompts_are_dropped_not_truncated_and_the_placeholder_is_a_specia
     bad = write_jsonl(tmp_path / "bad.jsonl", [row([CAT], [{"type": "image"}, {"type": "text", "text": placeholder}])])
     with pytest.raises(DataError, match="special token"):
         tokenize_examples(load_examples(dataset_cfg(bad))[0], tok, dataset_cfg(bad), vision=vision)
+
+
+def test_an_image_the_processor_cannot_take_is_an_invalid_row(tmp_path):
+    """Qwen2-VL's resize refuses aspect ratios over 200 (a 1x400 strip): a DataError naming the file,
+    row and size, or a skipped row counted as rows_with_unusable_images."""
+    cfg = compose(["model=tiny_qwen2_vl"])
+    tok = load_tokenizer(cfg.model)
+    vision = load_vision(cfg.model, tok)
+    Image.new("RGB", (1, 400), "red").save(tmp_path / "strip.png")
+    path = write_jsonl(tmp_path / "d.jsonl", [row([CAT]), row(["strip.png"]), row([CAT])])
+    examples, _ = load_examples(dataset_cfg(path))
+    with pytest.raises(DataError, match=r"d.jsonl row 1: .*cannot take the image.*1x400.*on_invalid=skip"):
+        tokenize_examples(examples, tok, dataset_cfg(path), vision=vision)
+    out, report = tokenize_examples(examples, tok, dataset_cfg(path, on_invalid="skip"), vision=vision)
+    assert [ex.index for ex in out] == [0, 2]
+    assert report.image_rows == 1 and report.as_dict()["rows_with_unusable_images"] == 1
+    assert report.skip_messages[0].startswith(f"{path} row 1: ")
+
+
+def test_images_over_the_pixel_limit_are_invalid_rows_and_the_limit_is_configurable(tmp_path):
+    """dataset.max_image_pixels is PIL's decompression-bomb limit: over it (PIL warns) and over
+    twice it (PIL raises) are both invalid rows naming the key; null lifts the limit."""
+    from PIL import Image as PILImage
+
+    for side in (40, 50, 70):  # 1600, 2500 and 4900 pixels against a limit of 2000
+        PILImage.new("RGB", (side, side), "blue").save(tmp_path / f"{side}.png")
+    path = write_jsonl(tmp_path / "d.jsonl", [row(["40.png"]), row(["50.png"]), row(["70.png"])])
+    try:
+        with pytest.raises(DataError, match=r"d.jsonl row 1.images\[0\]: .*more pixels than "
+                                            r"dataset.max_image_pixels=2000"):
+            load_examples(dataset_cfg(path, max_image_pixels=2000))
+        examples, report = load_examples(dataset_cfg(path, max_image_pixels=2000, on_invalid="skip"))
+        assert [ex.index for ex in examples] == [0] and report.skipped == 2
+        assert all("max_image_pixels" in m for m in report.skip_messages)
+        assert len(load_examples(dataset_cfg(path, max_image_pixels=None))[0]) == 3
+    finally:
+        load_examples(dataset_cfg(path))  # the default limit again for the rest of the process
+    assert PILImage.MAX_IMAGE_PIXELS == 89_478_485
+
+
+def test_a_non_positive_pixel_limit_is_refused_at_config_time():
+    from ppo_train.config_check import validate
+    from ppo_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dataset.max_image_pixels=0: expected a positive integer or null"):
+        validate(compose(["dataset.max_image_pixels=0"]))
+
+
+@pytest.mark.parametrize("url", ["http://example.com/cat.jpg", "https://example.com/a/b.png", "s3://bucket/cat.jpg"])
+def test_an_image_url_is_refused_as_a_url(tmp_path, url):
+    path = write_jsonl(tmp_path / "d.jsonl", [row([url])])
+    with pytest.raises(DataError, match=rf"d.jsonl row 0.images\[0\]: '{url}' is a URL; images are not "
+                                        "downloaded"):
+        load_examples(dataset_cfg(path))
 
 
 def test_a_packed_batch_lists_its_images_in_token_order():
