@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: help install quickstart run test test-slow test-gpu gpu-check bench lint smollm2 clean
+.PHONY: help install quickstart run test test-slow test-gpu gpu-check bench bench-data lint smollm2 clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ gpu-check: install ## the unattended first-GPU check (<= 8 min): outputs/gpu_che
 
 bench: install ## the benchmark grid (scripts/bench.py) on this machine
 	$(PY) scripts/bench.py
+
+bench-data: install ## data preparation at 10k/100k/1M rows: first and second start, memory per token
+	$(PY) scripts/data_store_bench.py
 
 lint: install ## ruff: undefined names, unused imports, syntax errors
 	$(VENV)/bin/ruff check --isolated --select F,E9 ppo_train tests scripts

@@ -70,16 +70,10 @@ def plan_identity(cfg, units, dist) -> dict:
     of every unit, the layout, the packer and its budget, the micro-batch and accumulation
     settings, the seed and the world size (under another value the step number would map onto
     other examples). The job (`job_identity`) fixes what each step does with them."""
-    h = hashlib.sha256()
-    for u in units:
-        h.update(u.input_ids.tobytes())
-        h.update(u.resp_len.tobytes())
-        h.update(u.image_digest())
-        h.update(u.pairs.tobytes())
     p = cfg.packing
     budget = {"packing.row_tokens": p.row_tokens, "packing.rows_per_batch": p.rows_per_batch} if p.name == "ffd" \
         else {"trainer.micro_batch_size": cfg.trainer.micro_batch_size}
-    return {"data tokens": h.hexdigest()[:16], "examples": len(units), "layout.name": str(cfg.layout.name),
+    return {"data tokens": hashlib.sha256(units.digest().encode()).hexdigest()[:16], "examples": len(units), "layout.name": str(cfg.layout.name),
             "packing.name": str(p.name), **budget, "trainer.grad_accum": cfg.trainer.grad_accum,
             "trainer.seed": cfg.trainer.seed, "world size": dist.world_size,
             "dataset": {k: str(v) for k, v in cfg.dataset.items()}, "model.tokenizer": str(cfg.model.tokenizer

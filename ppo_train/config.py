@@ -179,12 +179,18 @@ class DatasetConfig:
     # Images with more pixels than this are invalid rows (PIL's decompression-bomb guard,
     # PIL.Image.MAX_IMAGE_PIXELS; the default is PIL's own). null: no limit.
     max_image_pixels: Optional[int] = 89_478_485
+    # The tokenized store (data/store.py): built once per machine and content, then read.
+    # null: <HF datasets cache>/pptrain (HF_DATASETS_CACHE / HF_HOME move it).
+    cache_dir: Optional[str] = None
+    num_proc: Optional[int] = None  # processes that tokenize a new store; null: the usable cores
 
     def problems(self) -> list[str]:
         out = _positive("dataset", self, "max_prompt_length", "max_response_length")
         if self.max_image_pixels is not None and self.max_image_pixels <= 0:
             out.append(f"dataset.max_image_pixels={self.max_image_pixels}: expected a positive integer or null "
                        "(no limit)")
+        if self.num_proc is not None and self.num_proc <= 0:
+            out.append(f"dataset.num_proc={self.num_proc}: expected a positive integer or null (the usable cores)")
         if self.num_rows is not None and self.num_rows <= 0:
             out.append(f"dataset.num_rows={self.num_rows}: expected a positive integer or null")
         if self.max_responses is not None and self.max_responses < 2:

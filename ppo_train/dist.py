@@ -12,6 +12,7 @@ MASTER_PORT get single-process defaults and the gloo backend is used.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -140,3 +141,18 @@ def barrier(dist: DistInfo) -> None:
     if dist.world_size > 1:
         torch.distributed.barrier()
 
+
+
+@contextlib.contextmanager
+def local_main_first(dist: DistInfo):
+    """The first process of each machine (local rank 0) runs the block first; the others wait
+    at a barrier and then run it (reading what it made). The local main reaches the barrier
+    even when its block fails, so the others are never left waiting: they run the block
+    themselves and meet the same error."""
+    if dist.local_rank != 0:
+        barrier(dist)
+    try:
+        yield
+    finally:
+        if dist.local_rank == 0:
+            barrier(dist)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch.profiler import record_function
 
 from ppo_train import fileio
-from ppo_train.data.layout import Unit
+from ppo_train.data.layout import Units
 from ppo_train.data.schedule import Schedule
 from ppo_train.dist import DistInfo, all_ranks, reduce
 from ppo_train.errors import WRITE_ERRORS
@@ -98,13 +98,11 @@ class LiveReference:
         return forward_scores(self.engine, scored.batch, scored.mask)
 
 
-def fingerprint(units: list[Unit], identity: dict) -> str:
-    """Hash of the reference model's identity and every token (and image) of every unit."""
+def fingerprint(units: Units, identity: dict) -> str:
+    """Hash of the reference model's identity and every token (and image) of every unit, in
+    order (the tokenized store's digest and the selected examples: Units.digest)."""
     h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
-    for u in units:
-        h.update(u.input_ids.tobytes())
-        h.update(u.resp_len.tobytes())
-        h.update(u.image_digest())
+    h.update(units.digest().encode())
     return h.hexdigest()
 
 
@@ -113,7 +111,7 @@ def compute_table(module, scorer: Scorer, schedule: Schedule, dist: DistInfo, fp
     """Forward every micro-batch of one epoch once (this rank's share; every rank makes the same
     number of forwards, as ZeRO-3 needs), and sum the table over ranks."""
     units = scorer.units
-    kmax = max(u.num_responses for u in units)
+    kmax = int(units.num_responses.max(initial=1))
     sums = torch.zeros(len(units), kmax, dtype=torch.float64)
     counts = torch.zeros(len(units), kmax, dtype=torch.float64)
     was_training = module.training

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import record_function
 
 from ppo_train.data.collate import PackedBatch, collate
-from ppo_train.data.layout import Unit
+from ppo_train.data.layout import Units
 from ppo_train.data.packing import MicroBatch, round_up
 from ppo_train.dist import SINGLE, DistInfo, reduce
 from ppo_train.errors import ModelLoadError
@@ -163,7 +163,7 @@ class Scored:
     scores: ResponseLogps
 
 
-def static_shapes(units: list[Unit], packing, micro_batch_size: int) -> tuple[int, tuple[int, ...]]:
+def static_shapes(groups: Units | list[Units], packing, micro_batch_size: int) -> tuple[int, tuple[int, ...]]:
     """(rows per micro-batch, allowed row lengths) that every micro-batch of any epoch fits.
 
     Compiled FlexAttention specializes on the batch shape (dynamic=False); after 8 shapes
@@ -171,14 +171,15 @@ def static_shapes(units: list[Unit], packing, micro_batch_size: int) -> tuple[in
     materializes (B, H, L, L) scores. So under flex every micro-batch is padded to the same
     number of rows and to one of at most three row lengths: ffd rows are `row_tokens` long;
     none/sorted rows take the smallest of Lmax/4, Lmax/2 and Lmax (Lmax: the longest document,
-    rounded up to pad_multiple) that holds them. With the training and the no-grad passes
+    rounded up to pad_multiple) that holds them. `groups`: every set of units the scorer's
+    copies will see (training, evaluation). With the training and the no-grad passes
     compiled separately, a run compiles at most 2 (ffd) or 6 (none/sorted) graphs.
     """
     if packing.name == "ffd":
         return packing.rows_per_batch, (packing.row_tokens,)
-    docs = [hi - lo for u in units for lo, hi in u.doc_bounds]
-    longest = round_up(max(docs, default=1), packing.pad_multiple)
-    per_unit = max((len(u.doc_bounds) for u in units), default=1)
+    groups = [groups] if isinstance(groups, Units) else groups
+    longest = round_up(max([int(g.doc_lengths.max(initial=1)) for g in groups] or [1]), packing.pad_multiple)
+    per_unit = max([int(g.docs_per_unit.max(initial=1)) for g in groups] or [1])
     lengths = sorted({round_up(-(-longest // d), packing.pad_multiple) for d in (4, 2, 1)})
     return micro_batch_size * per_unit, tuple(lengths)
 
@@ -187,7 +188,7 @@ def static_shapes(units: list[Unit], packing, micro_batch_size: int) -> tuple[in
 class Scorer:
     """Collate, mask and forward for the micro-batches of one list of units."""
 
-    units: list[Unit]
+    units: Units
     pad_id: int
     backend: str = "sdpa"  # 'flex' or 'sdpa'
     device: torch.device = torch.device("cpu")
@@ -199,19 +200,19 @@ class Scorer:
     images: Any = None  # vision.ImageInputs of a vision-language model (units with images)
 
     @classmethod
-    def from_config(cls, cfg, units: list[Unit], pad_id: int, device: torch.device,
-                    all_units: list[Unit] | None = None, images=None) -> "Scorer":
+    def from_config(cls, cfg, units: Units, pad_id: int, device: torch.device,
+                    all_units: list[Units] | None = None, images=None) -> "Scorer":
         """`all_units`: every unit this scorer's copies will see (training and evaluation), so
         that both passes share one set of shapes under flex. `images`: a vision.ImageInputs."""
         backend = resolve_backend(cfg.model.attention, device)
         rows, lengths = 1, ()
         if backend == "flex":
-            rows, lengths = static_shapes(all_units or units, cfg.packing, cfg.trainer.micro_batch_size)
+            rows, lengths = static_shapes(all_units or [units], cfg.packing, cfg.trainer.micro_batch_size)
         return cls(units, pad_id, backend, device, cfg.packing.pad_multiple,
                    mask_documents=cfg.layout.name != "unmasked", restart_positions=cfg.layout.restart_positions,
                    rows=rows, lengths=lengths, images=images)
 
-    def with_units(self, units: list[Unit]) -> "Scorer":
+    def with_units(self, units: Units) -> "Scorer":
         return replace(self, units=units)
 
     def batch(self, mb: MicroBatch | None) -> PackedBatch:

@@ -30,7 +30,6 @@ is never shorter than the shared one); the others are counted in `excluded_over_
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +39,9 @@ from ppo_train import fileio
 from ppo_train.data.layout import build_units
 from ppo_train.data.packing import plan_epoch, resolve_budget
 from ppo_train.dist import device_for
-from ppo_train.data.pipeline import PreparedData, prepare
-from ppo_train.data.tokenize import TokenizedExample
+from ppo_train.data.pipeline import PreparedData
+from ppo_train.inputs import prepare
+from ppo_train.data.examples import Examples
 
 LAYOUTS = ("paired", "shared")
 PACKERS = ("none", "sorted", "ffd")
@@ -52,7 +52,11 @@ def with_packer(cfg: DictConfig, name: str) -> DictConfig:
     return OmegaConf.merge(cfg.packing, {"name": name})
 
 
-def comparable_examples(cfg: DictConfig, tokenizer) -> tuple[list[TokenizedExample], PreparedData, int]:
+def _examples(examples) -> Examples:
+    return examples if isinstance(examples, Examples) else Examples.from_list(examples)
+
+
+def comparable_examples(cfg: DictConfig, tokenizer) -> tuple[Examples, PreparedData, int]:
     """The training examples every (layout, packer) cell can place, the prepared data and the
     number excluded. Prepared with packer `none` so no layout-specific row-budget filter runs;
     the common filter is then the paired length (the longer one) against packing.row_tokens."""
@@ -61,24 +65,25 @@ def comparable_examples(cfg: DictConfig, tokenizer) -> tuple[list[TokenizedExamp
     # an auto budget is resolved from the paired units (the longer layout), so every cell fits
     # them; also for none/sorted, whose grid rows plan ffd cells with it
     budget = OmegaConf.merge(cfg.packing, {"name": "ffd"})
-    resolve_budget(budget, [ex.paired_length for ex in data.examples], device_for(cfg.trainer.device).type)
+    paired = data.examples.paired_length
+    resolve_budget(budget, paired.tolist(), device_for(cfg.trainer.device).type)
     cfg.packing.row_tokens, cfg.packing.rows_per_batch = budget.row_tokens, budget.rows_per_batch
-    kept = [ex for ex in data.examples if ex.paired_length <= cfg.packing.row_tokens]
+    kept = data.examples.select(np.flatnonzero(paired <= cfg.packing.row_tokens))
     return kept, data, len(data.examples) - len(kept)
 
 
-def prefix_sharing_ideal(examples: list[TokenizedExample]) -> dict[str, float]:
+def prefix_sharing_ideal(examples) -> dict[str, float]:
     """Token counts of both layouts and the ideal speedup (aggregate and per-example median)."""
-    paired = np.array([ex.paired_length for ex in examples], dtype=np.float64)
-    shared = np.array([ex.shared_length for ex in examples], dtype=np.float64)
+    examples = _examples(examples)
+    paired, shared = examples.paired_length.astype(np.float64), examples.shared_length.astype(np.float64)
     return {"paired_tokens": int(paired.sum()), "shared_tokens": int(shared.sum()),
             "ideal_speedup": float(paired.sum() / shared.sum()),
             "ideal_speedup_median": float(np.median(paired / shared))}
 
 
-def packing_cell(examples: list[TokenizedExample], cfg: DictConfig, layout: str, packer: str) -> dict:
+def packing_cell(examples, cfg: DictConfig, layout: str, packer: str) -> dict:
     """Plan epoch 0 of one (layout, packer) cell; token totals and the non-pad fraction."""
-    units = build_units(examples, layout)
+    units = build_units(_examples(examples), layout)
     plan = plan_epoch(units, with_packer(cfg, packer), cfg.trainer.micro_batch_size, cfg.trainer.seed, 0)
     real = sum(mb.real_tokens for mb in plan)
     total = sum(len(mb.rows) * mb.row_length for mb in plan)
@@ -87,7 +92,8 @@ def packing_cell(examples: list[TokenizedExample], cfg: DictConfig, layout: str,
             "pad_tokens": total - real, "nonpad_fraction": real / total}
 
 
-def packing_grid(examples: list[TokenizedExample], cfg: DictConfig) -> list[dict]:
+def packing_grid(examples, cfg: DictConfig) -> list[dict]:
+    examples = _examples(examples)
     cells = [packing_cell(examples, cfg, layout, packer) for layout in LAYOUTS for packer in PACKERS]
     baseline = next(c for c in cells if c["layout"] == "paired" and c["packer"] == "none")
     for c in cells:
@@ -100,40 +106,42 @@ def _median_p95(values) -> dict[str, float]:
     return {"median": float(np.median(arr)), "p95": float(np.percentile(arr, 95))}
 
 
-def example_stats(examples: list[TokenizedExample]) -> dict:
-    """Length and response-count statistics of tokenized examples."""
-    ks = [len(ex.response_ids) for ex in examples]
-    ratios = [len(ex.prompt_ids) / np.mean([len(r) for r in ex.response_ids]) for ex in examples]
+def example_stats(examples) -> dict:
+    """Length and response-count statistics of tokenized examples (per-example arrays only)."""
+    examples = _examples(examples)
+    ks = examples.num_responses
+    ratios = examples.prompt_length / (examples.response_total / ks)
     return {
         "examples": len(examples),
         "responses_per_prompt": {"mean": float(np.mean(ks)),
-                                 "histogram": {str(k): n for k, n in sorted(Counter(ks).items())}},
-        "prompt_tokens": _median_p95([len(ex.prompt_ids) for ex in examples]),
-        "response_tokens": _median_p95([len(r) for ex in examples for r in ex.response_ids]),
+                                 "histogram": {str(k): int(n) for k, n in zip(*np.unique(ks, return_counts=True))}},
+        "prompt_tokens": _median_p95(examples.prompt_length),
+        "response_tokens": _median_p95(examples.flat_response_lengths),
         "prefix_completion_ratio_median": float(np.median(ratios)),
         **prefix_sharing_ideal(examples),
         **image_stats(examples),
     }
 
 
-def image_stats(examples: list[TokenizedExample]) -> dict:
+def image_stats(examples) -> dict:
     """Images, image tokens, and the images the vision encoder runs per epoch in each layout
     (empty for text data)."""
-    images = [len(ex.images or ()) for ex in examples]
-    if not any(images):
+    examples = _examples(examples)
+    images = examples.image_count
+    if not images.any():
         return {}
-    paired = sum(n * len(ex.response_ids) for n, ex in zip(images, examples))
-    return {"images": sum(images), "image_tokens": sum(ex.image_tokens for ex in examples),
-            "image_tokens_per_prompt": _median_p95([ex.image_tokens for ex in examples]),
-            "encoder_images": {"paired": paired, "shared": sum(images)},
-            "encoder_images_saved": paired - sum(images)}
+    paired = int((images * examples.num_responses).sum())
+    return {"images": int(images.sum()), "image_tokens": int(examples.image_tokens.sum()),
+            "image_tokens_per_prompt": _median_p95(examples.image_tokens),
+            "encoder_images": {"paired": paired, "shared": int(images.sum())},
+            "encoder_images_saved": paired - int(images.sum())}
 
 
 def dataset_stats(cfg: DictConfig, tokenizer, limit: int | None = None) -> dict:
     """Everything above for the configured dataset, budget and seed (a JSON-ready dict);
     `limit` keeps the first N comparable examples (what the benchmark trains on)."""
     examples, data, excluded = comparable_examples(cfg, tokenizer)
-    examples = examples[:limit]
+    examples = examples[:limit]  # a view
     budget = {"micro_batch_size": cfg.trainer.micro_batch_size,
               **OmegaConf.to_container(cfg.packing, resolve=True)}
     return {"dataset": str(cfg.dataset.path), "rows": data.report()["rows"], "data_report": data.report(),

@@ -13,7 +13,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ppo_train import checkpoint, fileio, hostmem
-from ppo_train.data.pipeline import PreparedData, prepare
+from ppo_train.data.pipeline import PreparedData
+from ppo_train.inputs import prepare
 from ppo_train.data.schedule import Schedule, Step
 from ppo_train.dist import DistInfo, all_ranks, init_distributed
 from ppo_train.engine import Engine
@@ -37,7 +38,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
 
     # data: rows -> units -> the step plan (deterministic, identical on every rank)
     tokenizer = load_tokenizer(cfg.model, reward=loss.reward_head)
-    data = prepare(cfg, tokenizer)  # also resolves an auto ffd budget in cfg.packing
+    data = prepare(cfg, tokenizer, dist)  # also resolves an auto ffd budget in cfg.packing
     if data.vision is not None:
         _vision_zero_stage(t, dist)
     plan = checkpoint.plan_identity(cfg, data.units, dist)  # what a resume must not change
@@ -61,7 +62,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     if data.vision is not None:
         _vision_stage_fits(t, dist, policy)
     engine = Engine(policy, t, schedule.total_steps, dist)
-    scorer = Scorer.from_config(cfg, data.units, tokenizer.pad_token_id, dist.device, data.units + data.eval_units,
+    scorer = Scorer.from_config(cfg, data.units, tokenizer.pad_token_id, dist.device, [data.units, data.eval_units],
                                 image_inputs(data.vision))
     reference, eval_reference = build_references(cfg, engine, scorer, data, dist, run_dir, tokenizer)
     start = checkpoint.resume(engine, run_dir, t.resume, plan)
@@ -166,7 +167,7 @@ def _skip_nonfinite(policy: str, step: Step, data: PreparedData, engine: Engine,
     the micro-batch on every rank together (skip): an empty batch's zero loss keeps
     DeepSpeed's backward/step sequence intact without the bad values."""
     if policy == "error":
-        ids = sorted(data.examples[u].index for u in step.units)
+        ids = sorted(data.examples.index[step.units].tolist())
         raise NonFiniteLoss(f"non-finite loss at step {step.index + 1} (source rows {ids}); the last checkpoint "
                             "is intact; trainer.on_nonfinite=skip drops such micro-batches instead")
     empty = scorer(engine, None)

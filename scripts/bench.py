@@ -114,7 +114,7 @@ def train_steps(ctx: dict, steps: list[list], tally: Tally) -> None:
 
     units, device, cfg, scorer = ctx["units"], ctx["device"], ctx["cfg"], ctx["scorer"]
     for group in steps:
-        step_pairs = sum(len(units[u].pairs) for mb in group for u in mb.units)
+        step_pairs = sum(int(units.num_pairs[u]) for mb in group for u in mb.units)
         loss_sum = 0.0
         for mb in group:
             t0 = time.perf_counter()

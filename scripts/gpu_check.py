@@ -161,7 +161,7 @@ def flex_vs_sdpa() -> dict:
     from torch._dynamo.utils import counters
 
     from ppo_train.cli import compose
-    from ppo_train.data.pipeline import prepare
+    from ppo_train.inputs import prepare
     from ppo_train.data.schedule import Schedule
     from ppo_train.dist import DistInfo
     from ppo_train.model import attn_implementation, build_policy, load_tokenizer
@@ -196,7 +196,7 @@ def lora_flex_graphs() -> dict:
     from torch._dynamo.utils import counters
 
     from ppo_train.cli import compose
-    from ppo_train.data.pipeline import prepare
+    from ppo_train.inputs import prepare
     from ppo_train.data.schedule import Schedule
     from ppo_train.dist import DistInfo
     from ppo_train.model import build_policy, load_tokenizer

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from ppo_train.cli import compose
 from ppo_train.data.layout import build_units
 from ppo_train.data.packing import plan_epoch
-from ppo_train.data.pipeline import prepare
+from ppo_train.inputs import prepare
 from ppo_train.logps import token_logps
 from ppo_train.lora import apply_lora
 from ppo_train.model import load_causal_lm, load_tokenizer

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ppo_train.data.layout import Unit
+from ppo_train.data.layout import Unit, Units
 from ppo_train.data.packing import MicroBatch
 
 
@@ -60,7 +60,7 @@ class PackedBatch:
         return PackedBatch(**moved)
 
 
-def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length: int = 128,
+def collate(all_units: Units, mb: MicroBatch | None, pad_id: int, empty_length: int = 128,
             mask_documents: bool = True, restart_positions: bool = True, min_rows: int = 1,
             length: int | None = None, images=None) -> PackedBatch:
     """Lay out one micro-batch. `None` gives an empty micro-batch (pad rows, no responses).
@@ -75,6 +75,7 @@ def collate(units: list[Unit], mb: MicroBatch | None, pad_id: int, empty_length:
     rows += [[] for _ in range(max(0, min_rows - len(rows)))]
     length = length or (mb.row_length if mb is not None else empty_length)
     members = mb.units if mb is not None else []
+    units: dict[int, Unit] = {u: all_units[u] for u in members}  # built from the rows once per micro-batch
     b = len(rows)
     ids = np.full((b, length), pad_id, dtype=np.int64)
     pos = np.zeros((b, length), dtype=np.int64)

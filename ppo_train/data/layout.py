@@ -19,9 +19,11 @@ in one row), so a prompt's pairs are always scored together.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
+from ppo_train.data.examples import Examples
 from ppo_train.data.tokenize import TokenizedExample
 
 
@@ -47,7 +49,7 @@ class Unit:
 
     def image_digest(self) -> bytes:
         """What identifies the unit's images (empty for a text unit): for caches and resumes."""
-        from ppo_train.vision import image_digest
+        from ppo_train.data.images import image_digest
 
         return image_digest([r for _, refs in self.images[:1] for r in refs]) if self.images else b""
 
@@ -71,34 +73,28 @@ class Unit:
 
 
 def build_unit(ex: TokenizedExample, uid: int, layout: str) -> Unit:
-    p = len(ex.prompt_ids)
-    ids, pos, seg, doc = [], [], [], []
-    starts, preds, bounds, copies = [], [], [], []
+    prompt = np.asarray(ex.prompt_ids, dtype=np.int64)
+    responses = [np.asarray(r, dtype=np.int64) for r in ex.response_ids]
+    p, lens = len(prompt), np.array([len(r) for r in responses], dtype=np.int64)
     if layout == "shared":
-        copies.append(0)
-        ids += ex.prompt_ids
-        pos += range(p)
-        seg += [0] * p
-        for k, r in enumerate(ex.response_ids):
-            starts.append(len(ids))
-            preds.append(p - 1)
-            ids += r
-            pos += range(p, p + len(r))
-            seg += [k + 1] * len(r)
-        doc = [0] * len(ids)
+        copies = [0]
+        ids = np.concatenate([prompt, *responses])
+        pos = np.concatenate([np.arange(p), *(np.arange(p, p + n) for n in lens)])
+        seg = np.repeat(np.arange(len(lens) + 1), np.concatenate(([p], lens)))
+        starts = p + np.concatenate(([0], np.cumsum(lens)[:-1]))
+        preds = np.full(len(lens), p - 1, dtype=np.int64)
+        doc = np.zeros(len(ids), dtype=np.int64)
         bounds = [(0, len(ids))]
     elif layout in ("paired", "unmasked"):  # unmasked differs only in the mask (collate)
-        for k, r in enumerate(ex.response_ids):
-            lo = len(ids)
-            copies.append(lo)
-            ids += ex.prompt_ids
-            starts.append(len(ids))
-            preds.append(len(ids) - 1)
-            ids += r
-            pos += range(p + len(r))
-            seg += [0] * p + [k + 1] * len(r)
-            doc += [k] * (p + len(r))
-            bounds.append((lo, len(ids)))
+        docs = p + lens
+        lo = np.concatenate(([0], np.cumsum(docs)[:-1]))
+        copies = lo.tolist()
+        ids = np.concatenate([x for r in responses for x in (prompt, r)])
+        pos = np.concatenate([np.arange(n) for n in docs])
+        seg = np.concatenate([np.repeat([0, k + 1], [p, n]) for k, n in enumerate(lens)])
+        starts, preds = lo + p, lo + p - 1
+        doc = np.repeat(np.arange(len(lens)), docs)
+        bounds = [(int(a), int(a + n)) for a, n in zip(lo, docs)]
     else:
         raise ValueError(f"layout.name={layout!r}: expected shared or paired")
     as_i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
@@ -106,13 +102,83 @@ def build_unit(ex: TokenizedExample, uid: int, layout: str) -> Unit:
     mrope = None
     if ex.mrope is not None:  # prompt copies take the prompt's 3-D positions, responses p + delta
         mrope = np.tile(pos + ex.rope_delta, (3, 1))
-        for lo in copies:
-            mrope[:, lo:lo + p] = ex.mrope
-    return Unit(uid, as_i64(ids), pos, as_i64(seg), as_i64(doc), as_i64(starts),
-                as_i64([len(r) for r in ex.response_ids]), as_i64(preds), bounds,
-                as_i64(ex.pairs).reshape(-1, 2), [(lo, list(ex.images)) for lo in copies] if ex.images else [],
+        for c in copies:
+            mrope[:, c:c + p] = ex.mrope
+    return Unit(uid, as_i64(ids), pos, as_i64(seg), as_i64(doc), as_i64(starts), lens, as_i64(preds), bounds,
+                as_i64(ex.pairs).reshape(-1, 2), [(c, list(ex.images)) for c in copies] if ex.images else [],
                 mrope, ex.image_tokens)
 
 
-def build_units(examples: list[TokenizedExample], layout: str) -> list[Unit]:
-    return [build_unit(ex, i, layout) for i, ex in enumerate(examples)]
+class Units:
+    """The units of a set of examples in one layout: `units[i]` is built from example i when
+    asked (its micro-batch is collated); lengths, pair counts and documents come from the
+    examples' per-example arrays without reading a token."""
+
+    def __init__(self, examples: Examples, layout: str):
+        if layout not in ("shared", "paired", "unmasked"):
+            raise ValueError(f"layout.name={layout!r}: expected shared or paired")
+        self.examples, self.layout = examples, layout
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i) -> Unit:
+        if isinstance(i, slice):
+            return Units(self.examples[i], self.layout)
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        return build_unit(self.examples[i], i, self.layout)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def select(self, indices) -> "Units":
+        """The units of the examples at `indices`, renumbered from 0 (uids are positions)."""
+        return Units(self.examples.select(indices), self.layout)
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """(n,) tokens of each unit."""
+        ex = self.examples
+        return ex.shared_length if self.layout == "shared" else ex.paired_length
+
+    @property
+    def num_pairs(self) -> np.ndarray:
+        return self.examples.num_pairs
+
+    @property
+    def num_responses(self) -> np.ndarray:
+        return self.examples.num_responses
+
+    def doc_bounds(self, i: int) -> list[tuple[int, int]]:
+        """[lo, hi) of each document of unit i (one for shared, K for paired)."""
+        if self.layout == "shared":
+            return [(0, int(self.lengths[i]))]
+        docs = int(self.examples.prompt_length[i]) + self.examples.response_lengths(i)
+        ends = np.cumsum(docs)
+        return [(int(e - d), int(e)) for e, d in zip(ends, docs)]
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        """The length of every document of every unit (flat)."""
+        if self.layout == "shared":
+            return self.lengths
+        ex = self.examples
+        return np.repeat(ex.prompt_length, ex.num_responses) + ex.flat_response_lengths
+
+    @property
+    def docs_per_unit(self) -> np.ndarray:
+        return np.ones(len(self), dtype=np.int64) if self.layout == "shared" else self.examples.num_responses
+
+    def digest(self) -> str:
+        """Identifies every unit's tokens, pairs and images, and the layout."""
+        return f"{self.layout}:{self.examples.digest()}"
+
+
+def build_units(examples, layout: str) -> Units:
+    """The units of `examples` (an Examples, or a list of TokenizedExample) in `layout`."""
+    if not isinstance(examples, Examples):
+        examples = Examples.from_list(examples)
+    return Units(examples, layout)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ppo_train.data.layout import Unit
+from ppo_train.data.layout import Units
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,11 @@ def _seeded_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def _doc_rows(units: list[Unit], members: list[int]) -> list[list[Piece]]:
-    return [[Piece(u, lo, hi)] for u in members for lo, hi in units[u].doc_bounds]
+def _doc_rows(units: Units, members: list[int]) -> list[list[Piece]]:
+    return [[Piece(u, lo, hi)] for u in members for lo, hi in units.doc_bounds(u)]
 
 
-def _unpacked(units: list[Unit], groups: list[list[int]], pad_multiple: int) -> list[MicroBatch]:
+def _unpacked(units: Units, groups: list[list[int]], pad_multiple: int) -> list[MicroBatch]:
     out = []
     for members in groups:
         rows = _doc_rows(units, members)
@@ -133,7 +133,7 @@ def resolve_budget(packing, lengths: list[int], device_type: str, trainer=None) 
     return chosen
 
 
-def plan_epoch(units: list[Unit], packing, micro_batch_size: int, seed: int, epoch: int) -> list[MicroBatch]:
+def plan_epoch(units: Units, packing, micro_batch_size: int, seed: int, epoch: int) -> list[MicroBatch]:
     """All micro-batches of one epoch, in the order they are trained."""
     n = len(units)
     order = _seeded_order(n, seed, epoch)
@@ -142,7 +142,7 @@ def plan_epoch(units: list[Unit], packing, micro_batch_size: int, seed: int, epo
         groups = [order[i:i + micro_batch_size].tolist() for i in range(0, n, micro_batch_size)]
         return _unpacked(units, groups, packing.pad_multiple)
     if packing.name == "sorted":
-        by_length = sorted(order.tolist(), key=lambda u: -units[u].length)
+        by_length = order[np.argsort(-units.lengths[order], kind="stable")].tolist()  # ties keep the seeded order
         groups = [by_length[i:i + micro_batch_size] for i in range(0, n, micro_batch_size)]
         groups = [groups[i] for i in rng.permutation(len(groups))]
         return _unpacked(units, groups, packing.pad_multiple)
@@ -150,12 +150,13 @@ def plan_epoch(units: list[Unit], packing, micro_batch_size: int, seed: int, epo
         if packing.row_tokens is None or packing.rows_per_batch is None:
             raise ValueError("packing.row_tokens / rows_per_batch are auto (null): resolve them from the units first "
                              "(data.packing.resolve_budget, which prepare() calls)")
-        bins = first_fit_decreasing([u.length for u in units], packing.row_tokens, order)
+        lengths = units.lengths.tolist()
+        bins = first_fit_decreasing(lengths, packing.row_tokens, order)
         bins = [bins[i] for i in rng.permutation(len(bins))]
         out = []
         for i in range(0, len(bins), packing.rows_per_batch):
             rows = bins[i:i + packing.rows_per_batch]
-            out.append(MicroBatch([[Piece(u, 0, units[u].length) for u in row] for row in rows],
+            out.append(MicroBatch([[Piece(u, 0, lengths[u]) for u in row] for row in rows],
                                   packing.row_tokens, [u for row in rows for u in row]))
         return out
     raise ValueError(f"packing.name={packing.name!r}: expected none, ffd or sorted")

@@ -1,37 +1,43 @@
-"""Rows -> examples -> token ids -> units, with the reports of what was truncated or dropped.
+"""Rows -> the tokenized store -> examples -> units, with the reports of what was truncated or dropped.
 
-The evaluation split is a seeded `dataset.eval_fraction` of the examples or a separate
-file (`dataset.eval_path`). Under ffd, a unit longer than `packing.row_tokens` (possible
-with more than two responses per prompt) cannot be placed: it is dropped and counted.
+The rows of `dataset.path` (and `dataset.eval_path`) are tokenized once into a memory-mapped
+store (data/store.py) that later starts read. The evaluation split is a seeded
+`dataset.eval_fraction` of the examples or the separate file. Under ffd, a unit longer than
+`packing.row_tokens` (possible with more than two responses per prompt) cannot be placed: it
+is dropped and counted. The data layer is given what it needs from the rest of the package
+(the tokenizer, a vision-language model's processor, the device type, how the processes of a
+machine take turns) and imports nothing above it: ppo_train.inputs wires it.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from torch.profiler import record_function
 from omegaconf import DictConfig
 
-from ppo_train.data.layout import Unit, build_units
+from ppo_train.data.examples import Examples
+from ppo_train.data.layout import Units
 from ppo_train.data.packing import resolve_budget
-from ppo_train.dist import device_for
-from ppo_train.data.sources import DataError, LoadReport, load_examples
-from ppo_train.data.tokenize import TokenizedExample, TokenizeReport, VisionText, tokenize_examples
+from ppo_train.data.sources import DataError, LoadReport
+from ppo_train.data.store import Store, load_store_examples
+from ppo_train.data.tokenize import TokenizeReport, VisionText
 
 
 @dataclass
 class PreparedData:
-    units: list[Unit]
-    examples: list[TokenizedExample]
+    units: Units
+    examples: Examples
     load_report: LoadReport
     tokenize_report: TokenizeReport
-    eval_units: list[Unit] = field(default_factory=list)
-    eval_examples: list[TokenizedExample] = field(default_factory=list)
+    eval_units: Units
+    eval_examples: Examples
     dropped_over_row_budget: int = 0
     eval_file_reports: tuple[LoadReport, TokenizeReport] | None = None  # dataset.eval_path only
     vision: VisionText | None = None  # a vision-language model's processor (model.load_vision)
+    stores: tuple[Store, ...] = ()  # the tokenized stores read or built (training file, eval file)
+    seconds: float = 0.0  # data preparation time of this start (ppo_train.inputs.prepare)
 
     def report(self) -> dict[str, int]:
         """Counts of everything read, skipped, truncated or dropped (summary, metrics, data_report.json)."""
@@ -40,10 +46,11 @@ class PreparedData:
                "tied_pairs_dropped": self.load_report.tied_pairs,
                "responses_over_max_responses": self.load_report.capped_responses,
                **self.tokenize_report.as_dict(), "dropped_over_row_budget": self.dropped_over_row_budget,
-               "train_examples": len(self.units), "eval_examples": len(self.eval_units)}
+               "train_examples": len(self.units), "eval_examples": len(self.eval_units),
+               "stores_built": sum(s.built for s in self.stores), "prepare_seconds": round(self.seconds, 3)}
         if self.vision is not None:
-            out.update({"images": sum(len(ex.images or ()) for ex in self.examples + self.eval_examples),
-                        "image_tokens": sum(ex.image_tokens for ex in self.examples + self.eval_examples)})
+            out.update({"images": int(self.examples.image_count.sum() + self.eval_examples.image_count.sum()),
+                        "image_tokens": int(self.examples.image_tokens.sum() + self.eval_examples.image_tokens.sum())})
         if self.eval_file_reports is not None:
             loaded, tokenized = self.eval_file_reports
             out.update({"eval_file_rows": loaded.rows, "eval_file_invalid_skipped": loaded.skipped,
@@ -53,8 +60,7 @@ class PreparedData:
     @property
     def longest_sequence(self) -> int:
         """The longest [prompt | response] of any example, training or eval, in tokens."""
-        return max((len(ex.prompt_ids) + max(len(r) for r in ex.response_ids)
-                    for ex in self.examples + self.eval_examples), default=0)
+        return max(self.examples.longest_sequence, self.eval_examples.longest_sequence)
 
     def skipped_rows(self, limit: int = 1000) -> list[str]:
         """Why each skipped row was skipped (the first `limit`, training file then eval file)."""
@@ -64,55 +70,55 @@ class PreparedData:
         return messages[:limit]
 
 
-def _fits(units: list[Unit], examples: list[TokenizedExample], cfg: DictConfig):
+def _fits(units: Units, cfg: DictConfig) -> tuple[Units, int]:
     """Under ffd, the units that fit one row of packing.row_tokens (the budget is checked
     against the real units, not against the length limits); the others are dropped, counted
     and, with the longest of them, reported on stderr."""
-    if cfg.packing.name != "ffd":
-        return units, examples, 0
-    keep = [i for i, u in enumerate(units) if u.length <= cfg.packing.row_tokens]
+    if cfg.packing.name != "ffd" or not len(units):
+        return units, 0
+    keep = np.flatnonzero(units.lengths <= cfg.packing.row_tokens)
     if len(keep) < len(units):
-        longest = max(u.length for u in units)
         print(f"pptrain: warning: {len(units) - len(keep)} of {len(units)} units are longer than packing.row_tokens="
-              f"{cfg.packing.row_tokens} (the longest has {longest} tokens) and are dropped; raise the row budget or "
-              "lower dataset.max_prompt_length / max_response_length to keep them", file=sys.stderr)
-    examples = [examples[i] for i in keep]
-    return build_units(examples, cfg.layout.name), examples, len(units) - len(keep)
+              f"{cfg.packing.row_tokens} (the longest has {int(units.lengths.max())} tokens) and are dropped; raise "
+              "the row budget or lower dataset.max_prompt_length / max_response_length to keep them", file=sys.stderr)
+        return units.select(keep), len(units) - len(keep)
+    return units, 0
 
 
-@record_function("pptrain.prepare")
-def prepare(cfg: DictConfig, tokenizer) -> PreparedData:
-    """Load, tokenize, split and lay out the data. A null ffd budget (auto) is resolved here, in
-    `cfg.packing`, from the real units. A vision-language model's processor is loaded here too."""
-    from ppo_train.model import load_vision
-
+def prepare(cfg: DictConfig, tokenizer, vision: VisionText | None = None, device_type: str = "cpu",
+            local_main_first=None) -> PreparedData:
+    """Read (or build) the store, split and lay out the data. A null ffd budget (auto) is
+    resolved here, in `cfg.packing`, from the real units and `device_type`. `vision`: a
+    vision-language model's processor (None: a text model). `local_main_first`: a context
+    manager in which the first process of each machine builds a missing store while the
+    others wait (ppo_train.dist.local_main_first)."""
     d = cfg.dataset
-    vision = load_vision(cfg.model, tokenizer)
     if vision is not None and cfg.layout.name == "unmasked":
         raise DataError("layout=unmasked is not supported for vision-language models; use layout=shared or paired")
-    examples, load_report = load_examples(d)
-    tokenized, tokenize_report = tokenize_examples(examples, tokenizer, d, vision=vision)
-    eval_tokenized: list[TokenizedExample] = []
+    examples, load_report, tokenize_report, store = load_store_examples(d, d.path, tokenizer, vision, local_main_first)
+    stores = [store]
+    eval_examples = Examples.from_list([])
     eval_file_reports = None
     if d.eval_path:
-        eval_rows, eval_load_report = load_examples(d, d.eval_path)
-        eval_tokenized, eval_tokenize_report = tokenize_examples(eval_rows, tokenizer, d, d.eval_path, vision)
-        eval_file_reports = (eval_load_report, eval_tokenize_report)
+        eval_examples, eval_load, eval_tokens, eval_store = load_store_examples(d, d.eval_path, tokenizer, vision,
+                                                                                local_main_first)
+        eval_file_reports = (eval_load, eval_tokens)
+        stores.append(eval_store)
     elif d.eval_fraction:
-        order = np.random.default_rng([cfg.trainer.seed, 7]).permutation(len(tokenized))
-        n_eval = max(1, int(round(d.eval_fraction * len(tokenized))))
-        held = set(order[:n_eval].tolist())
-        eval_tokenized = [ex for i, ex in enumerate(tokenized) if i in held]
-        tokenized = [ex for i, ex in enumerate(tokenized) if i not in held]
-    units, eval_units = build_units(tokenized, cfg.layout.name), build_units(eval_tokenized, cfg.layout.name)
-    chosen = resolve_budget(cfg.packing, [u.length for u in units + eval_units], device_for(cfg.trainer.device).type,
+        order = np.random.default_rng([cfg.trainer.seed, 7]).permutation(len(examples))
+        n_eval = max(1, int(round(d.eval_fraction * len(examples))))
+        held = np.zeros(len(examples), dtype=bool)
+        held[order[:n_eval]] = True
+        examples, eval_examples = examples.select(np.flatnonzero(~held)), examples.select(np.flatnonzero(held))
+    units, eval_units = Units(examples, cfg.layout.name), Units(eval_examples, cfg.layout.name)
+    chosen = resolve_budget(cfg.packing, np.concatenate([units.lengths, eval_units.lengths]).tolist(), device_type,
                             cfg.trainer)
     if chosen:
         print(f"pptrain: packing=ffd, auto budget: {', '.join(chosen)}", file=sys.stderr)
-    units, tokenized, dropped = _fits(units, tokenized, cfg)
-    eval_units, eval_tokenized, eval_dropped = _fits(eval_units, eval_tokenized, cfg)
-    if not units:
+    units, dropped = _fits(units, cfg)
+    eval_units, eval_dropped = _fits(eval_units, cfg)
+    if not len(units):
         raise DataError(f"{d.path}: no training examples left ({dropped} longer than packing.row_tokens="
                         f"{cfg.packing.row_tokens}); raise the row budget or lower the length limits")
-    return PreparedData(units, tokenized, load_report, tokenize_report, eval_units, eval_tokenized,
-                        dropped + eval_dropped, eval_file_reports, vision)
+    return PreparedData(units, units.examples, load_report, tokenize_report, eval_units, eval_units.examples,
+                        dropped + eval_dropped, eval_file_reports, vision, tuple(stores))

@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ppo_train.data.layout import Unit
+from ppo_train.data.layout import Units
 from ppo_train.data.packing import MicroBatch, group_steps, plan_epoch
 
 
@@ -28,7 +28,7 @@ class Step:
 
 
 class Schedule:
-    def __init__(self, units: list[Unit], packing, micro_batch_size: int, seed: int, world_size: int = 1,
+    def __init__(self, units: Units, packing, micro_batch_size: int, seed: int, world_size: int = 1,
                  rank: int = 0, grad_accum: int = 1, max_steps: int = -1, epochs: int = 1):
         self.units, self.packing, self.micro_batch_size, self.seed = units, packing, micro_batch_size, seed
         self.world_size, self.rank, self.per_step = world_size, rank, world_size * grad_accum
@@ -38,7 +38,7 @@ class Schedule:
         self.total_steps = max_steps if max_steps > 0 else epochs * self.steps_per_epoch
 
     @classmethod
-    def from_config(cls, cfg, units: list[Unit], dist) -> "Schedule":
+    def from_config(cls, cfg, units: Units, dist) -> "Schedule":
         t = cfg.trainer
         return cls(units, cfg.packing, t.micro_batch_size, t.seed, dist.world_size, dist.rank, t.grad_accum,
                    t.max_steps, t.epochs)
@@ -58,4 +58,4 @@ class Schedule:
             group = self._groups[epoch][within]
             members = [u for mb in group if mb is not None for u in mb.units]
             yield Step(index, epoch, group[self.rank::self.world_size],
-                       sum(len(self.units[u].pairs) for u in members), members)
+                       int(self.units.num_pairs[members].sum()), members)

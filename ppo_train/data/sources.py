@@ -20,7 +20,7 @@ pairs among them. Accepted formats (TRL's names):
 
 Images (vision-language models, TRL's vision format): an `images` column beside any of the
 conversational formats above, one entry per `{"type": "image"}` part of the prompt's messages,
-in order (see `ppo_train.vision` for the accepted kinds). A message's content may be a list of
+in order (see `ppo_train.data.images` for the accepted kinds). A message's content may be a list of
 `{"type": "text", "text": ...}` and `{"type": "image"}` parts; a list without image parts is
 joined into one string, so text-only chat templates read it. A missing, undecodable or empty
 image makes the row invalid (`dataset.on_invalid`), like any bad field.
@@ -57,7 +57,7 @@ class PreferenceExample:
     responses: list[Text]
     pairs: list[tuple[int, int]]  # (preferred, dispreferred) indices into responses
     scores: list[float] | None = None
-    images: list | None = None  # image references (ppo_train.vision.image_ref) of the prompt, in order
+    images: list | None = None  # image references (ppo_train.data.images.image_ref) of the prompt, in order
 
     @property
     def conversational(self) -> bool:
@@ -201,7 +201,7 @@ def image_parts(text: Text) -> int:
 
 def _images(row: dict, prompt: Text, responses: list[Text], where: str, base_dir: Path | None) -> list | None:
     """The row's image references, checked against the image parts of its messages."""
-    from ppo_train.vision import image_ref
+    from ppo_train.data.images import image_ref
 
     values = row.get("images")
     values = [] if values is None else values
@@ -374,7 +374,7 @@ def field_label(fmt: str) -> str:
 
 
 def load_examples(cfg: DictConfig, path: str | None = None) -> tuple[list[PreferenceExample], LoadReport]:
-    from ppo_train.vision import set_pixel_limit
+    from ppo_train.data.images import set_pixel_limit
 
     set_pixel_limit(cfg.max_image_pixels)
     ds = load_rows(cfg, path)

@@ -64,7 +64,18 @@ class TokenizeReport:
     special_token_rows: int = 0  # rows skipped because their text holds a special token
     image_rows: int = 0  # rows skipped because the processor cannot take their images
     skip_messages: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, outcome: "Outcome") -> None:
+        """Count one example's outcome (skipped: why; kept: its truncations)."""
+        if outcome.skipped == "too_long":
+            self.dropped_too_long += 1
+        elif outcome.skipped is not None:
+            self.special_token_rows += outcome.skipped == "special"
+            self.image_rows += outcome.skipped == "image"
+            self.skip_messages.append(outcome.message)
+        else:
+            self.truncated_prompts += outcome.truncated_prompt
+            self.truncated_responses += outcome.truncated_responses
 
     def as_dict(self) -> dict[str, int]:
         return {"examples": self.examples, "truncated_prompts": self.truncated_prompts,
@@ -82,7 +93,7 @@ class VisionText:
 
     def prompt(self, text: str, images: list, add_special_tokens: bool):
         """(ids, M-RoPE positions or None, rope delta, image tokens) of a rendered prompt."""
-        from ppo_train.vision import open_image
+        from ppo_train.data.images import open_image
 
         opened = [open_image(r) for r in images or []]
         try:
@@ -160,62 +171,94 @@ def special_token_problem(example: PreferenceExample, specials: list[str]) -> st
     return None
 
 
+def special_tokens(tokenizer) -> list[str]:
+    """The tokenizer's special tokens as text, longest first (special_token_problem)."""
+    found = {str(t) for t in tokenizer.all_special_tokens} | {
+        str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    return [s for s in sorted(found, key=len, reverse=True) if s]
+
+
+@dataclass
+class Outcome:
+    """What became of one example: tokenized (`example`), or skipped (`skipped` names why:
+    special, image, too_long; `message` for the report), with the truncations it took."""
+
+    example: TokenizedExample | None = None
+    skipped: str | None = None
+    message: str = ""
+    truncated_prompt: bool = False
+    truncated_responses: int = 0
+
+
+def tokenize_one(ex: PreferenceExample, tokenizer, cfg: DictConfig, source: str, specials: list[str],
+                 vision: VisionText | None = None) -> Outcome:
+    """Tokenize one example under the length policy. Invalid under dataset.on_invalid=error: a
+    DataError naming the file, row and field; under skip: an Outcome saying why it was skipped."""
+    problem = special_token_problem(ex, specials)
+    if problem:
+        message = f"{source} row {ex.index}: {problem}"
+        if cfg.on_invalid != "skip":
+            raise DataError(f"{message}; remove it from the data (dataset.on_invalid=skip skips such rows and "
+                            "counts them)")
+        return Outcome(skipped="special", message=message)
+    if ex.images and vision is None:
+        raise DataError(f"{source} row {ex.index}: the row has images, and the model is a text model; "
+                        "use a vision-language model (see model=tiny_llava) or data without images")
+    prompt, responses, templated = _render(vision.processor if vision else tokenizer, ex)
+    mrope, delta, image_tokens = None, 0, 0
+    if vision is not None:
+        try:
+            prompt_ids, mrope, delta, image_tokens = vision.prompt(prompt, ex.images, not templated)
+        except DataError as err:
+            message = f"{source} row {ex.index}: {err}"
+            if cfg.on_invalid != "skip":
+                raise DataError(f"{message} (dataset.on_invalid=skip skips such rows and counts them)") from None
+            return Outcome(skipped="image", message=message)
+    else:
+        prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+    response_ids = [_response_ids(tokenizer, r) for r in responses]
+    if not prompt_ids:
+        raise DataError(f"{source} row {ex.index}: the prompt tokenizes to nothing")
+    out = Outcome()
+    too_long_prompt = len(prompt_ids) > cfg.max_prompt_length
+    too_long = [len(r) > cfg.max_response_length for r in response_ids]
+    if too_long_prompt or any(too_long):
+        if cfg.length_policy == "drop" or (too_long_prompt and image_tokens):
+            return Outcome(skipped="too_long")
+        if too_long_prompt:
+            prompt_ids = prompt_ids[-cfg.max_prompt_length:]
+            out.truncated_prompt = True
+        out.truncated_responses = sum(too_long)
+        response_ids = [r[: cfg.max_response_length] for r in response_ids]
+    out.example = TokenizedExample(ex.index, prompt_ids, response_ids, list(ex.pairs), ex.scores, ex.images, mrope,
+                                   delta, image_tokens)
+    return out
+
+
+def check_tokenizer(tokenizer) -> None:
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; responses must end in EOS (set tokenizer.eos_token)")
+
+
+def no_examples_left(report: TokenizeReport) -> DataError:
+    return DataError(
+        f"no examples left after the length policy ({report.dropped_too_long} dropped as too long); "
+        "raise dataset.max_prompt_length / max_response_length or use dataset.length_policy=truncate")
+
+
 def tokenize_examples(examples: list[PreferenceExample], tokenizer, cfg: DictConfig,
                       source: str | None = None, vision: VisionText | None = None
                       ) -> tuple[list[TokenizedExample], TokenizeReport]:
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no EOS token; responses must end in EOS (set tokenizer.eos_token)")
-    report = TokenizeReport()
-    specials = sorted({str(t) for t in tokenizer.all_special_tokens} | {
-        str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)},
-        key=len, reverse=True)
-    out = []
+    """Tokenize a list of examples in this process (the store, data/store.py, does the same per
+    row in parallel workers)."""
+    check_tokenizer(tokenizer)
+    report, specials, out = TokenizeReport(), special_tokens(tokenizer), []
     for ex in examples:
-        problem = special_token_problem(ex, [s for s in specials if s])
-        if problem:
-            message = f"{source or cfg.path} row {ex.index}: {problem}"
-            if cfg.on_invalid != "skip":
-                raise DataError(f"{message}; remove it from the data (dataset.on_invalid=skip skips such rows and "
-                                "counts them)")
-            report.special_token_rows += 1
-            report.skip_messages.append(message)
-            continue
-        if ex.images and vision is None:
-            raise DataError(f"{source or cfg.path} row {ex.index}: the row has images, and the model is a text model; "
-                            "use a vision-language model (see model=tiny_llava) or data without images")
-        prompt, responses, templated = _render(vision.processor if vision else tokenizer, ex)
-        mrope, delta, image_tokens = None, 0, 0
-        if vision is not None:
-            try:
-                prompt_ids, mrope, delta, image_tokens = vision.prompt(prompt, ex.images, not templated)
-            except DataError as err:
-                message = f"{source or cfg.path} row {ex.index}: {err}"
-                if cfg.on_invalid != "skip":
-                    raise DataError(f"{message} (dataset.on_invalid=skip skips such rows and counts them)") from None
-                report.image_rows += 1
-                report.skip_messages.append(message)
-                continue
-        else:
-            prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
-        response_ids = [_response_ids(tokenizer, r) for r in responses]
-        if not prompt_ids:
-            raise DataError(f"row {ex.index}: the prompt tokenizes to nothing")
-        too_long_prompt = len(prompt_ids) > cfg.max_prompt_length
-        too_long = [len(r) > cfg.max_response_length for r in response_ids]
-        if too_long_prompt or any(too_long):
-            if cfg.length_policy == "drop" or (too_long_prompt and image_tokens):
-                report.dropped_too_long += 1
-                continue
-            if too_long_prompt:
-                prompt_ids = prompt_ids[-cfg.max_prompt_length:]
-                report.truncated_prompts += 1
-            report.truncated_responses += sum(too_long)
-            response_ids = [r[: cfg.max_response_length] for r in response_ids]
-        out.append(TokenizedExample(ex.index, prompt_ids, response_ids, list(ex.pairs), ex.scores, ex.images, mrope,
-                                    delta, image_tokens))
+        outcome = tokenize_one(ex, tokenizer, cfg, source or cfg.path, specials, vision)
+        report.add(outcome)
+        if outcome.example is not None:
+            out.append(outcome.example)
     report.examples = len(out)
     if not out:
-        raise DataError(
-            f"no examples left after the length policy ({report.dropped_too_long} dropped as too long); "
-            "raise dataset.max_prompt_length / max_response_length or use dataset.length_policy=truncate")
+        raise no_examples_left(report)
     return out, report

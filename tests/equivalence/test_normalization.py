@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from ppo_train.cli import compose
 from ppo_train.data.packing import plan_epoch
-from ppo_train.data.pipeline import prepare
+from ppo_train.inputs import prepare
 from ppo_train.model import load_tokenizer
 from ppo_train.train import train
 

@@ -140,6 +140,7 @@ SMALL = ["dataset.num_rows=40", "packing.row_tokens=1024", "trainer.save_every=2
          "trainer.save_model=false"]
 
 
+@pytest.mark.slow  # 21 s; the default suite resumes from checkpoints in test_finished_runs and test_resume_errors
 def test_damaged_newest_checkpoint_and_torn_metrics_line_fall_back(tmp_path):
     run_dir = tmp_path / "run"
     run_pptrain(run_dir, *SMALL, "trainer.keep_last=3")  # checkpoints at steps 2, 4 and 6 (the final one)

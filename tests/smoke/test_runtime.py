@@ -58,7 +58,7 @@ def test_reference_from_a_separate_checkpoint_scores_with_that_model(tmp_path):
     plain transformers forward of each unshared [prompt | response]), not the policy's."""
     from transformers import AutoModelForCausalLM
 
-    from ppo_train.data.pipeline import prepare
+    from ppo_train.inputs import prepare
     from ppo_train.model import load_causal_lm, load_tokenizer
 
     cfg = compose(BASE)

@@ -71,7 +71,7 @@ def test_a_loss_takes_only_its_own_parameters():
 def test_row_budget_is_checked_against_the_real_units(capsys):
     """Length limits that would allow a unit longer than the row are fine when the data has
     none that long; units that are longer are dropped, counted and named on stderr."""
-    from ppo_train.data.pipeline import prepare
+    from ppo_train.inputs import prepare
     from ppo_train.model import load_tokenizer
 
     cfg = compose(["packing.row_tokens=256", "dataset.max_prompt_length=200", "dataset.max_response_length=100",

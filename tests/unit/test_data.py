@@ -217,7 +217,7 @@ def test_undecodable_json_document_names_the_line(tmp_path):
 
 def test_eval_file_counts_and_skip_reasons_are_reported(tmp_path, monkeypatch, tok):
     from ppo_train.cli import compose
-    from ppo_train.data.pipeline import prepare
+    from ppo_train.inputs import prepare
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     train_path, eval_path = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
