@@ -47,12 +47,6 @@ class Unit:
     def length(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def image_digest(self) -> bytes:
-        """What identifies the unit's images (empty for a text unit): for caches and resumes."""
-        from ppo_train.data.images import image_digest
-
-        return image_digest([r for _, refs in self.images[:1] for r in refs]) if self.images else b""
-
     @property
     def num_responses(self) -> int:
         return int(self.resp_len.shape[0])

@@ -78,7 +78,7 @@ def _mixed_image_data(path: Path) -> Path:
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
-@pytest.mark.parametrize("model,stage", [("tiny_llava", "auto"),
+@pytest.mark.parametrize("model,stage", [pytest.param("tiny_llava", "auto", marks=pytest.mark.slow),  # 25 s
                                          pytest.param("tiny_qwen2_vl", "2", marks=pytest.mark.slow)])
 def test_vision_language_model_on_two_ranks_equals_one_rank(model, stage, tmp_path):
     """A VLM across ranks, with steps where one rank's micro-batch has an image and the other's
