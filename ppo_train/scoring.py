@@ -163,7 +163,7 @@ class Scored:
     scores: ResponseLogps
 
 
-def static_shapes(groups: Units | list[Units], packing, micro_batch_size: int) -> tuple[int, tuple[int, ...]]:
+def static_shapes(groups: list[Units], packing, micro_batch_size: int) -> tuple[int, tuple[int, ...]]:
     """(rows per micro-batch, allowed row lengths) that every micro-batch of any epoch fits.
 
     Compiled FlexAttention specializes on the batch shape (dynamic=False); after 8 shapes
@@ -177,7 +177,6 @@ def static_shapes(groups: Units | list[Units], packing, micro_batch_size: int) -
     """
     if packing.name == "ffd":
         return packing.rows_per_batch, (packing.row_tokens,)
-    groups = [groups] if isinstance(groups, Units) else groups
     longest = round_up(max([int(g.doc_lengths.max(initial=1)) for g in groups] or [1]), packing.pad_multiple)
     per_unit = max([int(g.docs_per_unit.max(initial=1)) for g in groups] or [1])
     lengths = sorted({round_up(-(-longest // d), packing.pad_multiple) for d in (4, 2, 1)})

@@ -44,6 +44,13 @@ def _i64(values) -> np.ndarray:
     return np.asarray(values, dtype=np.int64)
 
 
+def ragged_take(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The runs values[offsets[r]:offsets[r + 1]] of `rows`, back to back (no Python loop)."""
+    starts, counts = offsets[rows], offsets[rows + 1] - offsets[rows]
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    return values[np.repeat(starts, counts) + np.arange(int(counts.sum())) - first]
+
+
 class ListRows:
     """Examples held as a list of TokenizedExample (tests, scripts, small data)."""
 
@@ -137,10 +144,7 @@ class Examples:
     @cached_property
     def flat_response_lengths(self) -> np.ndarray:
         """Every response's length, example after example, in this set's order."""
-        off = self.rows.response_offsets
-        starts, counts = off[self.members], self.num_responses
-        first = np.repeat(np.cumsum(counts) - counts, counts)
-        return self.rows.response_lengths[np.repeat(starts, counts) + np.arange(int(counts.sum())) - first]
+        return ragged_take(self.rows.response_lengths, self.rows.response_offsets, self.members)
 
     def response_lengths(self, i: int) -> np.ndarray:
         row = self.members[i]

@@ -28,16 +28,23 @@ from ppo_train.data.tokenize import TokenizeReport, VisionText
 @dataclass
 class PreparedData:
     units: Units
-    examples: Examples
     load_report: LoadReport
     tokenize_report: TokenizeReport
     eval_units: Units
-    eval_examples: Examples
     dropped_over_row_budget: int = 0
     eval_file_reports: tuple[LoadReport, TokenizeReport] | None = None  # dataset.eval_path only
     vision: VisionText | None = None  # a vision-language model's processor (model.load_vision)
     stores: tuple[Store, ...] = ()  # the tokenized stores read or built (training file, eval file)
     seconds: float = 0.0  # data preparation time of this start (ppo_train.inputs.prepare)
+
+    @property
+    def examples(self) -> Examples:
+        """The training examples (uid u is examples[u])."""
+        return self.units.examples
+
+    @property
+    def eval_examples(self) -> Examples:
+        return self.eval_units.examples
 
     def report(self) -> dict[str, int]:
         """Counts of everything read, skipped, truncated or dropped (summary, metrics, data_report.json)."""
@@ -120,5 +127,5 @@ def prepare(cfg: DictConfig, tokenizer, vision: VisionText | None = None, device
     if not len(units):
         raise DataError(f"{d.path}: no training examples left ({dropped} longer than packing.row_tokens="
                         f"{cfg.packing.row_tokens}); raise the row budget or lower the length limits")
-    return PreparedData(units, units.examples, load_report, tokenize_report, eval_units, eval_units.examples,
+    return PreparedData(units, load_report, tokenize_report, eval_units,
                         dropped + eval_dropped, eval_file_reports, vision, tuple(stores))

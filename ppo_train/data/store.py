@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_train.data.examples import Examples
+from ppo_train.data.examples import Examples, ragged_take
 from ppo_train.data.images import image_digest
 from ppo_train.data.sources import INVALID, LoadReport, TiedRowError, detect_format, load_rows, normalize_row
 from ppo_train.data.tokenize import (
@@ -219,10 +219,7 @@ def _decode_images(ds):
 
 def _build(d: DictConfig, path: str, folder: Path, key: str, parts: dict, tokenizer, vision, num_proc: int) -> None:
 
-    from ppo_train.data.images import set_pixel_limit
-
-    set_pixel_limit(d.max_image_pixels)
-    ds = _decode_images(load_rows(d, path))
+    ds = _decode_images(load_rows(d, path))  # images are opened by _process, under its pixel limit
     fmt = d.format if d.format != "auto" else detect_format([c for c in ds.column_names if c != INVALID], path)
     procs = 1 if vision is not None else max(1, min(num_proc, len(ds) // ROWS_PER_PROCESS))
     tmp = folder.with_name(f"{folder.name}.tmp-{os.uname().nodename}-{os.getpid()}")
@@ -304,9 +301,14 @@ def _parts(chunk):
         yield "values", (len(data) if value is not None else -1).to_bytes(8, "little", signed=True) + data
 
 
+def _lengths(offsets: list[np.ndarray]) -> np.ndarray:
+    """Per-row list lengths from each chunk's offsets."""
+    return np.concatenate([np.diff(o) for o in offsets] or [np.zeros(0, np.int64)]).astype(np.int64)
+
+
 def _list_lengths(column) -> np.ndarray:
-    return np.concatenate([np.diff(c.offsets.to_numpy()) for c in column.chunks]
-                          or [np.zeros(0, np.int64)]).astype(np.int64)
+    """Per-row lengths of a list column, without reading its values."""
+    return _lengths([c.offsets.to_numpy() for c in column.chunks])
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -325,7 +327,7 @@ class _ListColumn:
         return self.values[c][off[i]:off[i + 1]]
 
     def lengths(self) -> np.ndarray:
-        return np.concatenate([np.diff(o) for o in self.offsets] or [np.zeros(0, np.int64)]).astype(np.int64)
+        return _lengths(self.offsets)
 
     def flat(self) -> np.ndarray:
         return np.concatenate([v[o[0]:o[-1]] for o, v in zip(self.offsets, self.values)]
@@ -351,12 +353,9 @@ class StoreRows:
         self.source_index = table.column("row").to_numpy().astype(np.int64)[self.kept]
         self.prompt_lengths = self._prompt.lengths()[self.kept]
         per_row = self._lengths.lengths()
-        flat = self._lengths.flat()
-        starts = np.concatenate(([0], np.cumsum(per_row)))
-        counts = per_row[self.kept]
-        self.response_offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-        first = np.repeat(self.response_offsets[:-1], counts)
-        self.response_lengths = flat[np.repeat(starts[self.kept], counts) + np.arange(int(counts.sum())) - first]
+        self.response_offsets = np.concatenate(([0], np.cumsum(per_row[self.kept]))).astype(np.int64)
+        self.response_lengths = ragged_take(self._lengths.flat(), np.concatenate(([0], np.cumsum(per_row))),
+                                            self.kept)
         self.pair_counts = self._pairs.lengths()[self.kept] // 2
         self.image_counts = _list_lengths(table.column("image_paths"))[self.kept]
         self.image_token_counts = table.column("image_tokens").to_numpy().astype(np.int64)[self.kept]
@@ -387,7 +386,7 @@ class StoreRows:
 
     def image_rows_changed(self) -> str | None:
         """The first image file referenced by path whose size or modification time changed."""
-        paths, digests = self.ds.data.column("image_paths"), self.ds.data.column("image_digest")
+        paths, digests = self._images[0], self.ds.data.column("image_digest")
         for r in np.flatnonzero(self.image_counts > 0):
             row = int(self.kept[r])
             refs = paths[row].as_py()

@@ -37,7 +37,7 @@ def test_static_shapes_change_no_score(layout, packer):
     packing = OmegaConf.create({"name": packer, "row_tokens": 512, "rows_per_batch": 2, "pad_multiple": 128})
     units = units.select(np.flatnonzero(units.lengths <= 512)) if packer == "ffd" else units
     plan = plan_epoch(units, packing, 3, seed=2, epoch=0)
-    rows, lengths = static_shapes(units, packing, 3)
+    rows, lengths = static_shapes([units], packing, 3)
     assert rows > 1 or packer == "ffd"
     for backend, impl in (("sdpa", "sdpa"), ("flex", FLEX)):
         module = PolicyModule(tiny_model("llama", attn=impl), 16).eval()

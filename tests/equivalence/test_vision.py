@@ -229,7 +229,7 @@ def flex_image_logps(arch: str, device: torch.device, examples) -> tuple[dict, i
     tokens = tokenized(arch, examples)
     model = load_causal_lm(cfg.model, len(tokenizer), torch.float32, "flex", 0).to(device).eval()
     units = build_units(tokens, "shared")
-    rows, lengths = static_shapes(units, PACKINGS["ffd"], 2)
+    rows, lengths = static_shapes([units], PACKINGS["ffd"], 2)
     scorer = Scorer(units, tokenizer.pad_token_id, "flex", device, 64, rows=rows, lengths=lengths,
                     images=image_inputs(vision))
     count, got = EncoderCount(model), {}

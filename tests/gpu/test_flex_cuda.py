@@ -46,7 +46,7 @@ def _scores(module, scorer, plan, grad: bool):
 def test_compiled_flex_equals_dense_sdpa_forward_and_backward(packer):
     units = build_units(random_examples(12, 3, seed=7), "shared")
     plan = Schedule(units, packing(packer), 3, seed=0).plan(0)
-    rows, lengths = static_shapes(units, packing(packer), 3)
+    rows, lengths = static_shapes([units], packing(packer), 3)
     results = {}
     for backend, impl in (("flex", FLEX), ("sdpa", "sdpa")):
         model = tiny_model("llama", attn=impl, **WIDE).to(DEVICE).train()
@@ -65,7 +65,7 @@ def test_compiled_graphs_stay_within_the_bound_over_two_epochs():
     from torch._dynamo.utils import counters
 
     units = build_units(random_examples(30, 2, seed=3, prompt=(3, 300)), "paired")
-    rows, lengths = static_shapes(units, packing("none"), 2)
+    rows, lengths = static_shapes([units], packing("none"), 2)
     model = tiny_model("llama", attn=FLEX, **WIDE).to(DEVICE).train()
     module = PolicyModule(model, 16)
     scorer = Scorer(units, 96, "flex", DEVICE, rows=rows, lengths=lengths)

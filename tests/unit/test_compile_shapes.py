@@ -41,7 +41,7 @@ def examples():
 def shapes_and_graphs(layout: str, packer: str, static: bool) -> tuple[set, int]:
     units = build_units(examples(), layout)
     units = units.select(np.flatnonzero(units.lengths <= 512)) if packer == "ffd" else units
-    rows, lengths = static_shapes(units, packing(packer), 3) if static else (1, ())
+    rows, lengths = static_shapes([units], packing(packer), 3) if static else (1, ())
     scorer = Scorer(units, pad_id=0, backend="flex", rows=rows, lengths=lengths)
     torch._dynamo.reset()
     counter = CompileCounter()
@@ -104,7 +104,7 @@ def test_lora_training_passes_give_flex_one_grad_signature_per_row_length(monkey
     _, model = apply_lora(tiny_model("llama", attn=FLEX).train(), lora)
     module = PolicyModule(model, 16)
     units = build_units(examples(), "paired")
-    rows, lengths = static_shapes(units, packing("none"), 3)
+    rows, lengths = static_shapes([units], packing("none"), 3)
     scorer = Scorer(units, pad_id=0, backend="flex", rows=rows, lengths=lengths)
     schedule = Schedule(units, packing("none"), 3, seed=1)
     for step in list(schedule.steps())[:6]:
