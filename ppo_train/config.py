@@ -74,6 +74,7 @@ class LrSchedule(Choice):
 
 
 class Precision(Choice):
+    auto = "auto"  # bf16 mixed where the device has bf16 matrix units, else fp32 (ppo_train/precision.py)
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -272,7 +273,7 @@ class TrainerConfig:
     # auto: plain data parallelism in one process (ZeRO partitions nothing there and its parameter
     # gathers cost about a quarter of the throughput), ZeRO-3 with several; or 0..3 explicitly
     zero_stage: str = "auto"  # one of ZERO_STAGES (a string: an Enum cannot name members 0..3)
-    precision: Precision = Precision.fp32
+    precision: Precision = Precision.auto
     offload_optimizer: bool = False
     offload_params: bool = False
     gradient_checkpointing: bool = False
@@ -305,6 +306,10 @@ class TrainerConfig:
             out.append("trainer.offload_optimizer: needs trainer.zero_stage 1, 2 or 3 (or auto), not 0")
         if not 0 <= self.warmup_ratio < 1:
             out.append(f"trainer.warmup_ratio={self.warmup_ratio}: expected 0 <= value < 1")
+        if str(self.precision) == "fp16":
+            from ppo_train.precision import FP16_REFUSED
+
+            out.append(FP16_REFUSED)
         if self.lr <= 0:
             out.append(f"trainer.lr={self.lr}: expected > 0")
         if len(self.adam_betas) != 2:

@@ -14,6 +14,7 @@ from torch.profiler import record_function
 from ppo_train import fileio
 from ppo_train.dist import DistInfo, barrier
 from ppo_train.errors import WRITE_ERRORS, NonFiniteLoss, SaveFailed
+from ppo_train.precision import Numerics
 
 
 def zero_stage(t: DictConfig, world_size: int) -> int:
@@ -52,8 +53,7 @@ def deepspeed_config(t: DictConfig, world_size: int, loading: bool = False) -> d
         "train_batch_size": accum * world_size,
         "gradient_clipping": t.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": str(t.precision) == "bf16"},
-        "fp16": {"enabled": str(t.precision) == "fp16"},
+        **Numerics.of(t, world_size).deepspeed(),  # trainer.precision (ppo_train/precision.py)
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -68,6 +68,7 @@ def reference_config(t: DictConfig, world_size: int) -> dict:
     config = deepspeed_config(t, world_size)
     zero = config["zero_optimization"]
     config.pop("optimizer", None)
+    config.pop("data_types", None)  # gradient accumulation: a frozen model has no gradients
     zero.pop("offload_optimizer", None)
     if zero["stage"] != 3:
         config["zero_optimization"] = {"stage": 0}

@@ -12,17 +12,29 @@ Counted as the work the model needs, not what the kernels did: no padding, no re
 - a training forward counts 3x (the backward costs two forwards); a live reference adds one
   forward of the same size.
 
-The peak is measured at start-up (`calibrate_peak`): the best of a few large GEMMs in the
-training dtype on the training device, with this process's threads. On the CPU that is the
-honest ceiling of what PyTorch's kernels reach here (no vendor sheet applies to a shared VM);
-on CUDA it is typically 70-90% of the datasheet's dense number, so MFU reads higher than against
-the datasheet.
+The peak is that of the precision in use (the dtype matmuls run in: bf16 under bf16 mixed
+precision, fp32 or TF32 under fp32; ppo_train/precision.py), per device (`peak_flops`):
+
+- a GPU in the spec-sheet table (dense tensor-core numbers, no sparsity): that number;
+- else a calibration (`calibrate_peak`): the best of large GEMMs in that dtype on the device
+  with this process's threads, raised to the best this machine has recorded for the same
+  device, dtype and thread count (`<cache>/pptrain/peak_flops.json`; XDG_CACHE_HOME, else
+  ~/.cache). A calibration that ran while other work loaded the machine measures a low peak,
+  which would make MFU read high; the record keeps the unloaded one.
+
+A step whose model FLOP/s exceed the peak proves the peak wrong: `mfu` is null from then on for
+the run (the FLOP/s stay), and rank 0 says why on stderr, once. MFU is never above 1.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -90,19 +102,99 @@ def calibrate_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.
     return best
 
 
-@dataclass(frozen=True)
+# Dense peak TFLOP/s from NVIDIA's spec sheets (half of the "with sparsity" figures): (name
+# fragment, bf16, tf32, fp32). The first fragment found in torch.cuda.get_device_name wins (more
+# specific names first); a None row (no published figure) means calibrate.
+GPU_PEAKS = (("H100 PCIe", 756.0, 378.0, 51.2), ("H100 NVL", 835.5, 417.5, 60.0), ("H100", 989.4, 494.7, 66.9),
+             ("H200", 989.4, 494.7, 66.9), ("H20", 148.0, 74.0, 44.0), ("A100", 312.0, 156.0, 19.5),
+             ("A800", 312.0, 156.0, 19.5), ("L40S", 362.05, 183.0, 91.6), ("L40", 181.05, 90.5, 90.5),
+             ("L4", 121.0, 60.0, 30.3), ("A10G", None, None, None), ("A10", 125.0, 62.5, 31.2))
+
+
+def table_peak(name: str, dtype: torch.dtype, tf32: bool) -> float | None:
+    """A GPU's spec-sheet peak for `dtype` (fp32 counts as TF32 when `tf32`), or None."""
+    for fragment, bf16, tf32_peak, fp32 in GPU_PEAKS:
+        if fragment in name:
+            value = bf16 if dtype in (torch.bfloat16, torch.float16) else tf32_peak if tf32 else fp32
+            return None if value is None else value * 1e12
+    return None
+
+
+def peak_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pptrain" / "peak_flops.json"
+
+
+def _machine_key(device: torch.device, dtype: torch.dtype) -> str:
+    what = torch.cuda.get_device_name(device) if device.type == "cuda" else (_cpu_model() or platform.machine())
+    return f"{device.type}|{what}|{dtype}|threads={torch.get_num_threads()}"
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def recorded_peak(measured: float, key: str, path: Path | None = None) -> float:
+    """max(measured, the best recorded under `key`), recording the new best (a cache: any failure
+    to read or write it leaves `measured`)."""
+    path = path or peak_cache()
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    recorded = float(known.get(key) or 0.0)
+    best = max(measured, recorded)
+    if best > recorded:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**known, key: best}, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s of one device in `dtype`, where it comes from): see the module docstring."""
+    if device.type == "cuda":
+        tf32 = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+        listed = table_peak(torch.cuda.get_device_name(device), dtype, tf32)
+        if listed is not None:
+            return listed, "spec sheet"
+    return recorded_peak(calibrate_peak(device, dtype), _machine_key(device, dtype)), "calibrated"
+
+
+@dataclass
 class Utilization:
     """What turns a step's batches and seconds into `flops_per_s` and `mfu` (metrics rows)."""
 
     counter: FlopCounter
-    peak: float  # FLOP/s of one device (calibrated)
+    peak: float  # FLOP/s of one device in the precision in use
+    source: str = "calibrated"  # of the peak: "spec sheet" or "calibrated"
+    announce: bool = True  # rank 0: say on stderr when the peak is proven wrong
+    peak_wrong: bool = field(default=False, init=False)
 
     @classmethod
     def measure(cls, model: torch.nn.Module, reward: bool, live_reference: bool, device: torch.device,
-                dtype: torch.dtype) -> "Utilization":
-        return cls(FlopCounter(ModelShape.of(model, reward), 4.0 if live_reference else 3.0),
-                   calibrate_peak(device, dtype))
+                dtype: torch.dtype, announce: bool = True) -> "Utilization":
+        peak, source = peak_flops(device, dtype)
+        return cls(FlopCounter(ModelShape.of(model, reward), 4.0 if live_reference else 3.0), peak, source, announce)
 
-    def row(self, flops: float, seconds: float, world_size: int) -> dict[str, float]:
+    def row(self, flops: float, seconds: float, world_size: int) -> dict[str, float | None]:
         per_s = flops / max(seconds, 1e-9)
-        return {"flops_per_s": per_s, "mfu": per_s / (self.peak * world_size), "peak_flops_per_s": self.peak}
+        mfu = per_s / (self.peak * world_size)
+        if mfu > 1.0 and not self.peak_wrong:
+            self.peak_wrong = True
+            if self.announce:
+                print(f"pptrain: warning: {per_s / world_size / 1e9:.1f} model GFLOP/s per device exceed the "
+                      f"{self.source} peak of {self.peak / 1e9:.1f} GFLOP/s, so that peak is wrong (a calibration "
+                      "under load measures too little); mfu is null for the rest of this run", file=sys.stderr)
+        return {"flops_per_s": per_s, "mfu": None if self.peak_wrong else mfu, "peak_flops_per_s": self.peak}

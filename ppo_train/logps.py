@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ppo_train.precision import autocast
+
 
 @dataclass
 class ResponseLogps:
@@ -52,11 +54,16 @@ def _exp_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 class LinearLogProbs(torch.autograd.Function):
-    """log_softmax(hidden @ weight^T)[i, targets[i]] for each row, in fp32, chunked."""
+    """log_softmax(hidden @ weight^T)[i, targets[i]] for each row, in fp32, chunked.
+
+    The two matmuls run in `dtype` (None: the weight's; bf16 mixed precision over fp32 weights
+    passes bf16, and the weight is cast once per call), the softmax and its gradient in fp32; the
+    weight's gradient is summed over chunks in fp32 and returned in the weight's dtype."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                recompute: bool) -> torch.Tensor:
+                recompute: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+        w = weight if dtype is None else weight.to(dtype)  # the compute copy (the weight itself when no cast)
         n, vocab = hidden.shape[0], weight.shape[0]
         out = hidden.new_empty(n, dtype=torch.float32)
         lse = hidden.new_empty(n, dtype=torch.float32)
@@ -64,27 +71,28 @@ class LinearLogProbs(torch.autograd.Function):
         buf = hidden.new_empty(min(chunk, n), vocab, dtype=torch.float32) if recompute else None
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            logits = _logits_into(buf[:e - s] if recompute else keep[s:e], hidden[s:e], weight)
+            logits = _logits_into(buf[:e - s] if recompute else keep[s:e], hidden[s:e].to(w.dtype), w)
             picked, lse[s:e], total = _exp_(logits, targets[s:e])
             out[s:e] = picked - lse[s:e]
             if not recompute:  # keep the probabilities for the backward
                 logits.div_(total[:, None])
-        ctx.recompute, ctx.chunk = recompute, chunk
-        ctx.save_for_backward(hidden, weight, targets, lse, keep)
+        ctx.recompute, ctx.chunk, ctx.weight_dtype = recompute, chunk, weight.dtype
+        ctx.save_for_backward(hidden, w, targets, lse, keep)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        hidden, weight, targets, lse, keep = ctx.saved_tensors
+        hidden, w, targets, lse, keep = ctx.saved_tensors
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, chunk = hidden.shape[0], ctx.chunk
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = None  # the first chunk's product, then accumulated into (no zero-filled buffer)
-        buf = hidden.new_empty(min(chunk, n), weight.shape[0], dtype=torch.float32) if ctx.recompute and n else None
+        buf = hidden.new_empty(min(chunk, n), w.shape[0], dtype=torch.float32) if ctx.recompute and n else None
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
+            h = hidden[s:e].to(w.dtype)
             if ctx.recompute:
-                probs = _logits_into(buf[:e - s], hidden[s:e], weight)
+                probs = _logits_into(buf[:e - s], h, w)
                 probs.sub_(lse[s:e, None]).exp_()
             else:
                 probs = keep[s:e]  # consumed: this backward cannot run twice (no retain_graph)
@@ -92,18 +100,17 @@ class LinearLogProbs(torch.autograd.Function):
             # applied to the (n, H) sides of the matmuls instead of the (n, V) block
             probs[torch.arange(e - s, device=probs.device), targets[s:e]] -= 1.0
             g = -grad_out[s:e, None]
-            low = probs.to(weight.dtype)  # one conversion for both matmuls (no copy in fp32)
+            low = probs.to(w.dtype)  # one conversion for both matmuls (no copy in fp32)
             if want_h:
-                grad_h[s:e] = (low @ weight) * g.to(hidden.dtype)
-            if want_w and weight.dtype == torch.float32:
-                grad_w = probs.t() @ (hidden[s:e] * g) if grad_w is None else \
-                    grad_w.addmm_(probs.t(), hidden[s:e] * g)
-            elif want_w:  # the matmul in the model's dtype, the sum over chunks in fp32
-                part = (low.t() @ (hidden[s:e] * g.to(hidden.dtype))).float()
+                grad_h[s:e] = (low @ w).to(hidden.dtype) * g.to(hidden.dtype)
+            if want_w and w.dtype == torch.float32:
+                grad_w = probs.t() @ (h * g) if grad_w is None else grad_w.addmm_(probs.t(), h * g)
+            elif want_w:  # the matmul in the compute dtype, the sum over chunks in fp32
+                part = (low.t() @ (h * g.to(w.dtype))).float()
                 grad_w = part if grad_w is None else grad_w.add_(part)
         if want_w and grad_w is None:  # no response tokens: a zero gradient keeps the head in the graph
-            grad_w = torch.zeros_like(weight)
-        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
+            grad_w = torch.zeros(w.shape, dtype=ctx.weight_dtype, device=w.device)
+        return grad_h, grad_w.to(ctx.weight_dtype) if want_w else None, None, None, None, None
 
 
 def fusable(head: torch.nn.Module) -> bool:
@@ -111,16 +118,19 @@ def fusable(head: torch.nn.Module) -> bool:
     return type(head) is torch.nn.Linear and head.bias is None and not hasattr(head.weight, "ds_id")
 
 
-def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    logits = head(hidden).float()  # (n, V) for one chunk only
+def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    with autocast(hidden.device.type, dtype):
+        logits = head(hidden).float()  # (n, V) for one chunk only
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def token_logps(hidden: torch.Tensor, pred_index: torch.Tensor, targets: torch.Tensor,
                 head: torch.nn.Module, chunk: int = 1024, num_chunks: int | None = None,
-                recompute: bool = True) -> torch.Tensor:
+                recompute: bool = True, dtype: torch.dtype | None = None) -> torch.Tensor:
     """hidden (B, L, H), pred_index (T,) flat positions, targets (T,) -> (T,) fp32 log-probs
-    (log-softmax in fp32 whatever the model dtype).
+    (log-softmax in fp32 whatever the model dtype). `dtype`: the head's matmuls in it (bf16 mixed
+    precision over fp32 weights); None: in the weight's dtype.
 
     `num_chunks` >= ceil(T / chunk) makes exactly that many head calls: the extra ones run on
     one real row and add 0 to the result. Under ZeRO-3 every head call gathers the head's
@@ -132,7 +142,7 @@ def token_logps(hidden: torch.Tensor, pred_index: torch.Tensor, targets: torch.T
     if fusable(head):
         grads = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
         return LinearLogProbs.apply(flat.index_select(0, pred_index), head.weight, targets, chunk,
-                                    recompute or not grads)
+                                    recompute or not grads, dtype)
     n = pred_index.shape[0]
     own = -(-n // chunk)
     parts, extra = [], None
@@ -141,8 +151,8 @@ def token_logps(hidden: torch.Tensor, pred_index: torch.Tensor, targets: torch.T
             h, t = flat.index_select(0, pred_index[i * chunk:(i + 1) * chunk]), targets[i * chunk:(i + 1) * chunk]
         else:
             h, t = flat[:1], targets.new_zeros(1)
-        out = checkpoint(_token_logps, h, t, head, use_reentrant=False) if recompute and torch.is_grad_enabled() \
-            else _token_logps(h, t, head)
+        out = checkpoint(_token_logps, h, t, head, dtype, use_reentrant=False) \
+            if recompute and torch.is_grad_enabled() else _token_logps(h, t, head, dtype)
         if i < own:
             parts.append(out)
         else:

@@ -61,7 +61,9 @@ def same_grad(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tu
 
 
 def flex_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query (B, Hq, L, D), key/value (B, Hkv, L, D), attention_mask a BlockMask -> (B, L, Hq, D)."""
+    """query (B, Hq, L, D), key/value (B, Hkv, L, D), attention_mask a BlockMask -> (B, L, Hq, D).
+    Under autocast (bf16 mixed precision at ZeRO stage 0) rotary embeddings leave q and k in the
+    residual stream's fp32 and v in bf16; flex_attention's own autocast rule casts all three."""
     query, key, value = same_grad(query, key, value)
     out = _flex_kernel(query)(query, key, value, block_mask=attention_mask, scale=scaling,
                               enable_gqa=query.shape[1] != key.shape[1])
@@ -147,10 +149,6 @@ def load_vision(cfg: DictConfig, tokenizer):
 def image_inputs(vision) -> ImageInputs | None:
     """The collate-side image processing of a VisionText (None for a text model)."""
     return ImageInputs(vision.processor) if vision is not None else None
-
-
-def dtype_of(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[str(precision)]
 
 
 def load_tokenizer(cfg: DictConfig, reward: bool = False):
@@ -349,10 +347,12 @@ def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) ->
     from ppo_train.engine import zero3_config
     from ppo_train.losses import LOSSES
     from ppo_train.masks import resolve_backend
+    from ppo_train.precision import Numerics
     from ppo_train.scoring import PolicyModule, RewardModule
 
     reward = LOSSES[cfg.loss.name].reward_head
-    model = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision),
+    numerics = Numerics.of(cfg.trainer, dist.world_size)
+    model = load_causal_lm(cfg.model, len(tokenizer), numerics.param_dtype,
                            resolve_backend(cfg.model.attention, dist.device), cfg.trainer.seed, reward=reward,
                            pad_token_id=tokenizer.pad_token_id, longest_sequence=longest_sequence,
                            zero3=zero3_config(cfg.trainer, dist.world_size))
@@ -367,20 +367,24 @@ def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) ->
     model.config.use_cache = False
     recompute = cfg.model.logits_recompute
     recompute = dist.device.type == "cuda" if recompute is None else recompute
-    return RewardModule(model) if reward else PolicyModule(model, cfg.model.logits_chunk, dist, recompute)
+    if reward:
+        return RewardModule(model, numerics.autocast)
+    return PolicyModule(model, cfg.model.logits_chunk, dist, recompute, numerics.autocast)
 
 
-def lora_writer(cfg: DictConfig, tokenizer, saver=None):
+def lora_writer(cfg: DictConfig, tokenizer, saver=None, world_size: int = 1):
     """The `writer(state, out_dir)` that Engine.export calls on rank 0 for a LoRA run: a fresh
     model (same config and seed) receives the gathered weights with its adapters and is written
     by lora.export_lora (adapters, and the merged model if asked) with `saver`'s files (default:
     the tokenizer; a vision-language model passes its processor)."""
     from ppo_train.losses import LOSSES
+    from ppo_train.precision import Numerics
 
     reward = LOSSES[cfg.loss.name].reward_head
+    dtype = Numerics.of(cfg.trainer, world_size).param_dtype
 
     def write(state: dict, out_dir: Path) -> None:
-        fresh = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision), "sdpa", cfg.trainer.seed,
+        fresh = load_causal_lm(cfg.model, len(tokenizer), dtype, "sdpa", cfg.trainer.seed,
                                reward=reward, pad_token_id=tokenizer.pad_token_id)
         export_lora(state, fresh, cfg.model.lora, out_dir, saver or tokenizer, reward=reward,
                     tower_trains=cfg.model.train_vision_tower)

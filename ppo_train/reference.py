@@ -131,14 +131,16 @@ def reference_module(cfg, tokenizer, dist: DistInfo, longest_sequence: int = 0):
     reference.name_or_path, wrapped for scoring."""
     from ppo_train.engine import zero3_config
     from ppo_train.masks import resolve_backend
-    from ppo_train.model import dtype_of, load_causal_lm
+    from ppo_train.model import load_causal_lm
+    from ppo_train.precision import Numerics
     from ppo_train.scoring import PolicyModule
 
-    model = load_causal_lm(cfg.model, len(tokenizer), dtype_of(cfg.trainer.precision),
+    numerics = Numerics.of(cfg.trainer, dist.world_size)  # the policy's: the same numbers at step 0
+    model = load_causal_lm(cfg.model, len(tokenizer), numerics.param_dtype,
                            resolve_backend(cfg.model.attention, dist.device), cfg.trainer.seed,
                            cfg.reference.name_or_path, cfg.reference.gguf_file, longest_sequence=longest_sequence,
                            zero3=zero3_config(cfg.trainer, dist.world_size))
-    return PolicyModule(model, cfg.model.logits_chunk, dist)
+    return PolicyModule(model, cfg.model.logits_chunk, dist, autocast=numerics.autocast)
 
 
 def _table(cfg, reference_model, scorer: Scorer, dist: DistInfo, run_dir: Path, split: str,

@@ -27,6 +27,7 @@ from ppo_train.dist import SINGLE, DistInfo, reduce
 from ppo_train.errors import ModelLoadError
 from ppo_train.logps import ResponseLogps, fusable, sum_per_response, token_logps
 from ppo_train.masks import build_mask, doc_spans, resolve_backend
+from ppo_train.precision import autocast
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -42,12 +43,13 @@ class PolicyModule(torch.nn.Module):
     """Wraps a causal LM: forward(batch tensors, mask) -> per-response log-prob sums and counts."""
 
     def __init__(self, model: torch.nn.Module, logits_chunk: int = 1024, dist: DistInfo = SINGLE,
-                 recompute: bool = True):
+                 recompute: bool = True, autocast: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.logits_chunk = logits_chunk
         self.dist = dist
         self.recompute = recompute
+        self.autocast = autocast  # bf16 mixed at ZeRO stage 0 (ppo_train/precision.py); None: the weights' dtype
         self.image_params = image_params(model)
 
     def forward(self, input_ids, position_ids, attention_mask, pred_index, target_ids, target_response,
@@ -55,7 +57,7 @@ class PolicyModule(torch.nn.Module):
         """`spans`: masks.doc_spans of the batch (or None); `image_inputs`: a vision-language
         model's image tensors (pixel_values, ...)."""
         body, head = decoder_and_head(self.model)
-        with record_function("pptrain.forward"):
+        with record_function("pptrain.forward"), autocast(input_ids.device.type, self.autocast):
             hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                           use_cache=False, **_span_kwargs(spans), **image_inputs).last_hidden_state
         if not image_inputs and self.image_params and self.dist.world_size > 1:
@@ -71,7 +73,8 @@ class PolicyModule(torch.nn.Module):
             own = max(1, -(-pred_index.numel() // self.logits_chunk))
             chunks = int(reduce(torch.tensor([own]), self.dist, "max").item())
         with record_function("pptrain.head"):
-            lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk, chunks, self.recompute)
+            lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk, chunks, self.recompute,
+                              self.autocast)
         out = sum_per_response(lps, target_response, num_responses)
         if pred_index.numel() == 0:
             return out.sums + lps.sum().double(), out.counts  # lps holds the 0-valued head term
@@ -94,9 +97,10 @@ class RewardModule(torch.nn.Module):
     response's *last* token (in a shared row that is not the row's last non-pad token, which
     is where transformers' own pooling would look)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, autocast: torch.dtype | None = None):
         super().__init__()
         self.model = model
+        self.autocast = autocast  # the body's matmuls (bf16 mixed at stage 0); the one-output score head stays fp32
         if not isinstance(getattr(model, "score", None), torch.nn.Module):
             raise ModelLoadError(f"{type(model).__name__}: no `score` head; reward models need one "
                                  "(Llama, Qwen2 and Mistral classifiers have it)")
@@ -104,8 +108,9 @@ class RewardModule(torch.nn.Module):
     def forward(self, input_ids, position_ids, attention_mask, last_index, num_responses: int, spans=None,
                 **image_inputs):
         body = getattr(self.model, self.model.base_model_prefix)
-        hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                      use_cache=False, **_span_kwargs(spans), **image_inputs).last_hidden_state
+        with autocast(input_ids.device.type, self.autocast):
+            hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                          use_cache=False, **_span_kwargs(spans), **image_inputs).last_hidden_state
         flat = hidden.reshape(-1, hidden.shape[-1])
         # exactly one head call on every rank, empty micro-batch included (ZeRO-3 gathers per call)
         rows = last_index if last_index.numel() else last_index.new_zeros(1)

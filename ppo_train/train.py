@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ppo_train import checkpoint, fileio, hostmem
+from ppo_train import checkpoint, fileio, hostmem, precision
 from ppo_train.data.pipeline import PreparedData
 from ppo_train.inputs import prepare
 from ppo_train.data.schedule import Schedule, Step
@@ -22,7 +22,8 @@ from ppo_train.errors import ConfigError, NonFiniteLoss
 from ppo_train.losses import LOSSES
 from ppo_train.metrics import MetricsWriter, StepMetrics, rows_up_to, summary_table
 from ppo_train.flops import Utilization
-from ppo_train.model import build_policy, dtype_of, image_inputs, load_tokenizer, lora_writer
+from ppo_train.model import build_policy, image_inputs, load_tokenizer, lora_writer
+from ppo_train.precision import Numerics
 from ppo_train.reference import build_references
 from ppo_train.scoring import Scorer
 from ppo_train.selfcheck import self_check
@@ -33,6 +34,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     """Train as configured; returns the metrics rows (rank 0) and writes the run directory."""
     run_dir, t, loss = Path(run_dir), cfg.trainer, LOSSES[cfg.loss.name]
     dist = init_distributed(t.device)
+    t.precision = precision.resolve(t.precision, dist.device, lambda ok: all_ranks(ok, dist))  # auto -> bf16 | fp32
     seed_everything(t.seed)
     resuming = checkpoint.will_resume(run_dir, t.resume)  # every rank: a refusal stops them all
 
@@ -70,7 +72,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
                            _wandb_run(cfg, run_dir) if dist.is_main else None, resume_step=start)
 
     live = cfg.reference.live and reference is not None
-    utilization = Utilization.measure(engine.module.model, loss.reward_head, live, dist.device, dtype_of(t.precision))
+    utilization = Utilization.measure(engine.module.model, loss.reward_head, live, dist.device,
+                                      Numerics.of(t, dist.world_size).compute_dtype, dist.is_main)
     stop, clock, skipped, done, began = StopRequest(), SaveClock(t.save_every_minutes), 0, start or 0, time.perf_counter()
     hostmem.for_training(t, dist.device)  # the loop's recurring blocks, after the start-up's one-off ones
     engine.train()
@@ -94,7 +97,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
         row = tracker.reduce(dist) | {"step": done, "epoch": step.epoch, "lr": engine.lr(),
                                       "skipped_nonfinite": skipped}
         if not writer.history:  # the data counts once, on the first row of metrics.jsonl (kept on resume)
-            row.update({f"data/{k}": v for k, v in data.report().items()})
+            row.update({"precision": str(t.precision), **{f"data/{k}": v for k, v in data.report().items()}})
         if done % t.log_every == 0 or done == schedule.total_steps:
             writer.write(row)
         if data.eval_units and ((t.eval_every and done % t.eval_every == 0) or done == schedule.total_steps):
@@ -119,12 +122,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     if t.save_model:
         saver = data.vision.processor if data.vision is not None else tokenizer  # a VLM's export carries its processor
         with stop.saving():
-            engine.export(run_dir / "model", saver, lora_writer(cfg, tokenizer, saver) if cfg.model.lora.enabled else None)
+            engine.export(run_dir / "model", saver, lora_writer(cfg, tokenizer, saver, dist.world_size) if cfg.model.lora.enabled else None)
     stop.restore()
     if dist.is_main:  # last: the final checkpoint and the export are in place
         checkpoint.mark_finished(run_dir, done, t.save_model)
     if dist.is_main:
-        _print_summary(writer.history, data, run_dir, done, time.perf_counter() - began)
+        _print_summary(writer.history, data, run_dir, done, time.perf_counter() - began, str(t.precision))
     return writer.history
 
 
@@ -204,9 +207,10 @@ def _wandb_run(cfg: DictConfig, run_dir: Path):
                       name=run_dir.name, config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
-def _print_summary(history: list[dict], data: PreparedData, run_dir: Path, steps: int, seconds: float) -> None:
+def _print_summary(history: list[dict], data: PreparedData, run_dir: Path, steps: int, seconds: float,
+                   precision_used: str) -> None:
     from rich.console import Console
 
-    facts = {"run directory": run_dir, "steps": steps, "wall seconds": f"{seconds:.1f}",
+    facts = {"run directory": run_dir, "steps": steps, "wall seconds": f"{seconds:.1f}", "precision": precision_used,
              **{k: v for k, v in data.report().items() if v}}
     Console(stderr=True).print(summary_table(history, facts))

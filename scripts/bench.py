@@ -66,10 +66,15 @@ class BenchOptions:
 
 
 def point_config(overrides: list[str], layout: str, packer: str):
-    """What `pptrain <overrides> layout=L packing=P` would train."""
+    """What `pptrain <overrides> layout=L packing=P` would train (trainer.precision resolved for
+    this machine's device, as train() resolves it)."""
+    from ppo_train import precision
     from ppo_train.cli import compose
+    from ppo_train.dist import device_for
 
-    return compose([*overrides, f"layout={layout}", f"packing={packer}", "run_name=bench"])
+    cfg = compose([*overrides, f"layout={layout}", f"packing={packer}", "run_name=bench"])
+    cfg.trainer.precision = precision.resolve(cfg.trainer.precision, device_for(cfg.trainer.device))
+    return cfg
 
 
 def _compiled_graphs() -> int:
@@ -157,10 +162,11 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
     from ppo_train.data.layout import build_units
     from ppo_train.data.schedule import Schedule
     from ppo_train.dist import SINGLE, DistInfo, device_for
-    from ppo_train.flops import FlopCounter, ModelShape, calibrate_peak
+    from ppo_train.flops import FlopCounter, ModelShape, peak_flops
     from ppo_train.hostmem import for_training
     from ppo_train.losses import LOSSES
-    from ppo_train.model import build_policy, dtype_of, image_inputs, load_tokenizer
+    from ppo_train.model import build_policy, image_inputs, load_tokenizer
+    from ppo_train.precision import Numerics
     from ppo_train.reference import compute_table
     from ppo_train.scoring import Scorer
     from ppo_train.stats import comparable_examples
@@ -193,7 +199,7 @@ def setup_point(overrides: list[str], layout: str, packer: str, opts: BenchOptio
             "module": module, "optimizer": optimizer, "reference": reference, "loss": loss, "scorer": scorer,
             "reference_s": time.perf_counter() - start, "rss_before_model_mib": rss_before_model,
             "params": sum(p.numel() for p in module.parameters()), "encoder_calls": encoder_calls,
-            "flops": FlopCounter(ModelShape.of(module.model)), "peak": calibrate_peak(device, dtype_of(t.precision))}
+            "flops": FlopCounter(ModelShape.of(module.model)), "peak": peak_flops(device, Numerics.of(t, 1).compute_dtype)[0]}
 
 
 def run_point(overrides: list[str], layout: str, packer: str, opts: BenchOptions) -> dict:
@@ -256,7 +262,7 @@ def worker(spec_path: str, out_path: str) -> None:
     if spec["kind"] == "trl":  # pragma: no cover - needs trl
         from bench_trl import trl_baseline
 
-        result = trl_baseline(spec["overrides"], opts, spec["precompute"], spec.get("own_precision", False))
+        result = trl_baseline(spec["overrides"], opts, spec["precompute"], spec["bf16"])
     else:
         result = run_point(spec["overrides"], spec["layout"], spec["packer"], opts)
     Path(out_path).write_text(json.dumps(result))
@@ -299,7 +305,7 @@ def run_grid(overrides: list[str], opts: BenchOptions, log=print) -> dict:
             "stats": stats, "points": points, "trl": _trl(overrides, opts)}
 
 
-def _trl(overrides: list[str], opts: BenchOptions, precompute: bool = True, own_precision: bool = False) -> dict:
+def _trl(overrides: list[str], opts: BenchOptions, precompute: bool = True, bf16: bool = False) -> dict:
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -308,15 +314,18 @@ def _trl(overrides: list[str], opts: BenchOptions, precompute: bool = True, own_
         return {"skipped": "disabled (--no-trl; --vlm has no TRL baseline)"}
     try:  # pragma: no cover - trl is not installed where the tests run
         return _in_subprocess({"kind": "trl", "overrides": overrides, "opts": asdict(opts), "precompute": precompute,
-                               "own_precision": own_precision})
+                               "bf16": bf16})
     except Exception as err:  # noqa: BLE001 - a broken baseline must not lose the grid's results
         return {"error": str(err)[-2000:]}
 
 
-TRL_RUNS = (("trl_own_defaults", "TRL DPOTrainer defaults (its own precision: bf16 mixed)",
-             {"precompute": False, "own_precision": True}),
-            ("trl_defaults", "TRL DPOTrainer defaults in pptrain's precision", {"precompute": False}),
-            ("trl_precompute", "TRL DPOTrainer precompute_ref_log_probs=True", {"precompute": True}))
+# TRL 1.16's DPOTrainer: its own defaults (bf16 mixed precision: autocast over fp32 weights, a
+# reference model beside the policy), the same in fp32, fp32 with precomputed reference
+# log-probs, and its best configuration here (bf16 mixed with precomputed reference log-probs).
+TRL_RUNS = (("trl_own_defaults", "TRL defaults (bf16 mixed)", {"precompute": False, "bf16": True}),
+            ("trl_fp32", "TRL defaults in fp32", {"precompute": False, "bf16": False}),
+            ("trl_fp32_precompute", "TRL fp32, precompute_ref_log_probs", {"precompute": True, "bf16": False}),
+            ("trl_best", "TRL bf16 mixed, precompute_ref_log_probs (its best)", {"precompute": True, "bf16": True}))
 
 
 def _fastest(runs: list[dict]) -> dict:
@@ -332,37 +341,32 @@ def _fastest(runs: list[dict]) -> dict:
 
 
 def vs_trl(overrides: list[str], opts: BenchOptions, steps: int, rounds: int = 1, log=print) -> dict:
-    """pptrain at its defaults vs TRL's defaults and TRL's best setting (bench_trl.py), `rounds`
-    times in turn (pptrain, pptrain in bf16, then each TRL run); each configuration's fastest
-    round counts. pptrain's `trainer.precision=bf16` (bf16 compute, fp32 master weights in the
-    optimizer) is compared with TRL's own default, bf16 mixed precision."""
+    """pptrain at its defaults (trainer.precision=auto) and in fp32 vs the TRL runs (TRL_RUNS,
+    bench_trl.py), `rounds` times in turn; each configuration's fastest round counts. Both
+    pptrain rows get their speedup and peak-RSS ratio against every TRL row."""
     from bench_trl import pptrain_default
 
-    bf16 = [*overrides, "trainer.precision=bf16"]
-    runs: dict[str, list[dict]] = {"pptrain": [], "pptrain_bf16": [], **{name: [] for name, _, _ in TRL_RUNS}}
+    ours_runs = (("pptrain", overrides), ("pptrain_fp32", [*overrides, "trainer.precision=fp32"]))
+    runs: dict[str, list[dict]] = {name: [] for name, _ in ours_runs} | {name: [] for name, _, _ in TRL_RUNS}
     for r in range(max(1, rounds)):
-        log(f"bench: round {r + 1}/{max(1, rounds)}: pptrain at its defaults ...")
-        runs["pptrain"].append(pptrain_default(overrides, steps))
-        log(f"bench: round {r + 1}/{max(1, rounds)}: pptrain, trainer.precision=bf16 ...")
-        try:  # an optional row: a CPU or build without bf16 must not lose the others
-            runs["pptrain_bf16"].append(pptrain_default(bf16, steps))
-        except RuntimeError as err:
-            runs["pptrain_bf16"].append({"error": str(err)[-2000:]})
+        for name, args in ours_runs:
+            log(f"bench: round {r + 1}/{max(1, rounds)}: {name} ...")
+            try:  # one failing row must not lose the others
+                runs[name].append(pptrain_default(args, steps))
+            except RuntimeError as err:
+                runs[name].append({"error": str(err)[-2000:]})
         for name, label, kwargs in TRL_RUNS:
             log(f"bench: round {r + 1}/{max(1, rounds)}: {label} ...")
             runs[name].append(_trl(overrides, opts, **kwargs))
-    ours, ours_bf16, result = _fastest(runs["pptrain"]), _fastest(runs["pptrain_bf16"]), {}
-    for name, _, _ in TRL_RUNS:
-        trl = result[name] = _fastest(runs[name])
-        if trl.get("pairs_per_s"):
-            ours[f"speedup_vs_{name}"] = ours["pairs_per_s"] / trl["pairs_per_s"]
-            ours[f"rss_vs_{name}"] = ours["peak_rss_mib"] / trl["peak_rss_mib"]
-    own = result["trl_own_defaults"]
-    if own.get("pairs_per_s") and ours_bf16.get("pairs_per_s"):  # the same precision family as TRL's default
-        ours_bf16["speedup_vs_trl_own_defaults"] = ours_bf16["pairs_per_s"] / own["pairs_per_s"]
-        ours_bf16["rss_vs_trl_own_defaults"] = ours_bf16["peak_rss_mib"] / own["peak_rss_mib"]
-    result["pptrain_bf16"] = ours_bf16
-    return {"overrides": overrides, "torch": torch.__version__, "rounds": max(1, rounds), "pptrain": ours, **result}
+    result = {name: _fastest(runs[name]) for name in runs}
+    for name, _ in ours_runs:
+        ours = result[name]
+        for trl_name, _, _ in TRL_RUNS:
+            trl = result[trl_name]
+            if ours.get("pairs_per_s") and trl.get("pairs_per_s"):
+                ours[f"speedup_vs_{trl_name}"] = ours["pairs_per_s"] / trl["pairs_per_s"]
+                ours[f"rss_vs_{trl_name}"] = ours["peak_rss_mib"] / trl["peak_rss_mib"]
+    return {"overrides": overrides, "torch": torch.__version__, "rounds": max(1, rounds), **result}
 
 
 def _merge_overrides(defaults: list[str], user: list[str]) -> list[str]:
@@ -391,7 +395,8 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--in-process", action="store_true", help="no subprocess per point (peak memory then shared)")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL baseline even when trl is installed")
     ap.add_argument("--vs-trl", action="store_true",
-                    help="instead of the grid: the real pptrain at its defaults vs TRL's DPOTrainer (defaults, precompute)")
+                    help="instead of the grid: the real pptrain (defaults, fp32) vs TRL's DPOTrainer (defaults, fp32, "
+                         "fp32 with precompute_ref_log_probs, bf16 with precompute_ref_log_probs)")
     ap.add_argument("--steps", type=int, default=8, help="--vs-trl: pptrain optimizer steps (the first is warm-up)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="--vs-trl: run every configuration this many times in turn; the fastest round counts")

@@ -95,34 +95,36 @@ def write_outputs(result: dict, out_dir: Path) -> dict[str, str]:
 
 
 def write_vs_trl(result: dict, out_dir: Path) -> dict[str, str]:
-    """vs_trl.json and vs_trl.md: pairs/s, MFU and peak RSS of pptrain (defaults, bf16) and the TRL runs."""
+    """vs_trl.json and vs_trl.md: pairs/s, MFU and peak RSS of pptrain (defaults, fp32) and of
+    the TRL runs, with pptrain's speedup and RSS ratio against each TRL run."""
+    from bench import TRL_RUNS
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    ours = result["pptrain"]
     rounds = result.get("rounds", 1)
-    lines = [f"# pptrain at its defaults vs TRL DPOTrainer (torch {result['torch']})", "",
+    ours = [(name, label) for name, label in (("pptrain", "pptrain defaults"), ("pptrain_fp32", "pptrain fp32"))
+            if name in result]
+    lines = [f"# pptrain vs TRL DPOTrainer (torch {result['torch']})", "",
              f"- overrides: `{' '.join(result['overrides'])}`",
-             f"- rounds: {rounds} (each configuration's fastest; every round's pairs/s in vs_trl.json)", "",
-             "| run | pairs/s | MFU | peak RSS MiB | pptrain speedup | pptrain RSS ratio |", "|---|---|---|---|---|---|",
-             f"| pptrain (defaults) | {_fmt(ours['pairs_per_s'])} | {_fmt(ours.get('mfu'), '.1%')} | "
-             f"{_fmt(ours['peak_rss_mib'], '.0f')} | | |"]
-    half = result.get("pptrain_bf16")
-    if half is not None and half.get("pairs_per_s"):
-        lines.append(f"| pptrain, trainer.precision=bf16 | {_fmt(half['pairs_per_s'])} | "
-                     f"{_fmt(half.get('mfu'), '.1%')} (of the bf16 peak) | {_fmt(half['peak_rss_mib'], '.0f')} | "
-                     f"{_fmt(half.get('speedup_vs_trl_own_defaults'), '.2f', 'x')} vs TRL's defaults | "
-                     f"{_fmt(half.get('rss_vs_trl_own_defaults'), '.2f', 'x')} vs TRL's defaults |")
-    elif half is not None:
-        lines.append(f"| pptrain, trainer.precision=bf16 | {str(half.get('error', '?'))[:200]} | | | | |")
-    for name, label in (("trl_own_defaults", "TRL defaults (its bf16 mixed precision)"),
-                        ("trl_defaults", "TRL defaults, pptrain's precision"),
-                        ("trl_precompute", "TRL precompute_ref_log_probs, pptrain's precision")):
-        trl = result.get(name, {"skipped": "not run"})
-        if trl.get("pairs_per_s") is None:
-            lines.append(f"| {label} | {trl.get('skipped') or trl.get('error', '?')[:200]} | | | | |")
-            continue
-        lines.append(f"| {label} | {_fmt(trl['pairs_per_s'])} | {_fmt(trl.get('mfu'), '.1%')} | "
-                     f"{_fmt(trl['peak_rss_mib'], '.0f')} | {_fmt(ours.get('speedup_vs_' + name), '.2f', 'x')} | "
-                     f"{_fmt(ours.get('rss_vs_' + name), '.2f', 'x')} |")
+             f"- rounds: {rounds} (each configuration's fastest; every round's pairs/s in vs_trl.json)",
+             "- MFU: against the peak of the precision each run computes in", "",
+             "| run | precision | pairs/s | MFU | peak RSS MiB | " + " | ".join(
+                 f"{label}: speedup, RSS ratio vs this" for _, label in ours) + " |",
+             "|---|---|---|---|---|" + "---|" * len(ours)]
+
+    def row(label: str, run: dict, precision: str, versus: str | None) -> str:
+        if run.get("pairs_per_s") is None:
+            return f"| {label} | {precision} | {str(run.get('skipped') or run.get('error', '?'))[:200]} | | |" + " |" * len(ours)
+        cells = [f"{_fmt(result[name].get('speedup_vs_' + versus), '.2f', 'x')}, "
+                 f"{_fmt(result[name].get('rss_vs_' + versus), '.2f', 'x')}" if versus else "" for name, _ in ours]
+        return (f"| {label} | {precision} | {_fmt(run['pairs_per_s'])} | {_fmt(run.get('mfu'), '.1%')} | "
+                f"{_fmt(run.get('peak_rss_mib'), '.0f')} | " + " | ".join(cells) + " |")
+
+    for name, label in ours:
+        lines.append(row(label, result[name], result[name].get("precision", "fp32" if name.endswith("fp32") else "?"),
+                         None))
+    for name, label, kwargs in TRL_RUNS:
+        lines.append(row(label, result.get(name, {"skipped": "not run"}), "bf16 mixed" if kwargs["bf16"] else "fp32",
+                         name))
     if "wall_s" in result:
         lines.append(f"\nBenchmark wall time: {result['wall_s']:.0f} s")
     paths = {"json": out_dir / "vs_trl.json", "markdown": out_dir / "vs_trl.md"}

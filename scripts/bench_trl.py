@@ -2,13 +2,13 @@
 
 - pptrain: the real `python -m ppo_train` run (DeepSpeed engine, default packing and ZeRO
   choice), pairs/s over the optimizer steps after the first, its own MFU, and the process's
-  peak RSS (wait4's ru_maxrss); once at its defaults and once with `trainer.precision=bf16`
-  (bf16 compute, fp32 master weights), which is compared with TRL's own bf16 default;
-- TRL 1.16 DPOTrainer three times: with its own defaults (a reference model beside the policy,
-  gradient checkpointing, bf16 mixed precision: autocast over fp32 weights), the same in
-  pptrain's precision (`bf16` set from `trainer.precision`), and with its best setting here in
-  pptrain's precision, `precompute_ref_log_probs=True`; 8 pairs per step (per_device_train_batch_size
-  8, no accumulation); pairs/s between the end of the warm-up steps and the last step (a
+  peak RSS (wait4's ru_maxrss); once at its defaults (trainer.precision=auto: bf16 mixed where
+  the CPU or GPU has bf16 units) and once in fp32;
+- TRL 1.16 DPOTrainer four times (bench.TRL_RUNS): its own defaults (a reference model beside
+  the policy, gradient checkpointing, bf16 mixed precision: autocast over fp32 weights), the
+  same in fp32, fp32 with `precompute_ref_log_probs=True`, and its best configuration here, bf16
+  mixed with `precompute_ref_log_probs=True`; 8 pairs per step (per_device_train_batch_size 8,
+  no accumulation); pairs/s between the end of the warm-up steps and the last step (a
   callback), peak RSS of the worker process, and MFU from the same FLOP model as pptrain's
   (ppo_train/flops.py: the paired layout's work, head at response tokens) against a GEMM peak
   calibrated in that process. The texts are decoded from pptrain's token ids and re-tokenized
@@ -51,17 +51,18 @@ def pptrain_default(overrides: list[str], steps: int) -> dict:
         report = json.loads(Path(tmp, "run", "data_report.json").read_text())
     timed = [r for r in rows if "loss" in r][1:]  # the first step warms up
     seconds = sum(r["step_seconds"] for r in timed)
-    return {"pairs_per_s": sum(r["pairs"] for r in timed) / seconds, "steps": len(timed),
-            "mfu": sum(r["mfu"] * r["step_seconds"] for r in timed) / seconds,
+    mfu = None if any(r.get("mfu") is None for r in timed) else sum(r["mfu"] * r["step_seconds"] for r in timed) / seconds
+    return {"pairs_per_s": sum(r["pairs"] for r in timed) / seconds, "steps": len(timed), "mfu": mfu,
+            "precision": rows[0].get("precision"), "final_loss": timed[-1]["loss"] if timed else None,
             "peak_rss_mib": usage.ru_maxrss / 1024, "peak_gflops": rows[-1].get("peak_flops_per_s", 0) / 1e9,
             "pairs_per_step": sum(r["pairs"] for r in timed) / len(timed),
             "examples": report["train_examples"]}
 
 
 def trl_baseline(overrides: list[str], opts: BenchOptions, precompute: bool,
-                 own_precision: bool = False) -> dict:  # pragma: no cover - needs trl
-    """TRL's DPOTrainer on the same model and pairs; see the module docstring. `own_precision`:
-    TRL's default `bf16` (mixed precision unless fp16), else pptrain's `trainer.precision`."""
+                 bf16: bool) -> dict:  # pragma: no cover - needs trl
+    """TRL's DPOTrainer on the same model (fp32 weights) and pairs; see the module docstring.
+    `bf16`: TRL's default bf16 mixed precision (autocast over the fp32 weights), else fp32."""
     import datasets
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -69,7 +70,7 @@ def trl_baseline(overrides: list[str], opts: BenchOptions, precompute: bool,
     import probe
     from ppo_train.data.layout import build_units
     from ppo_train.dist import device_for
-    from ppo_train.flops import FlopCounter, ModelShape, calibrate_peak
+    from ppo_train.flops import FlopCounter, ModelShape, peak_flops
     from ppo_train.model import load_causal_lm, load_tokenizer
     from ppo_train.stats import comparable_examples
 
@@ -92,10 +93,8 @@ def trl_baseline(overrides: list[str], opts: BenchOptions, precompute: bool,
                      gradient_accumulation_steps=1, max_steps=opts.warmup_steps + timed, learning_rate=t.lr,
                      lr_scheduler_type="constant", beta=cfg.loss.beta, max_length=longest + 8,
                      precompute_ref_log_probs=precompute, report_to="none", save_strategy="no", seed=t.seed,
-                     use_cpu=device.type == "cpu", dataloader_num_workers=0,
-                     **({} if own_precision else {"bf16": str(t.precision) == "bf16"}))
-    dtype = torch.float32 if str(t.precision) == "fp32" else torch.bfloat16
-    model = load_causal_lm(cfg.model, len(tok), dtype, "sdpa", t.seed)
+                     use_cpu=device.type == "cpu", dataloader_num_workers=0, bf16=bf16)
+    model = load_causal_lm(cfg.model, len(tok), torch.float32, "sdpa", t.seed)
     units = build_units(examples, "paired")
     counter = FlopCounter(ModelShape.of(model), passes=3.0 if precompute else 4.0)  # + the reference forward
     per_pair = sum(counter.shape.forward_flops(u.length, u.visible_pairs(), int(u.resp_len.sum()), u.num_responses)
@@ -109,7 +108,7 @@ def trl_baseline(overrides: list[str], opts: BenchOptions, precompute: bool,
     first, last = marks.get(opts.warmup_steps), marks[max(marks)]
     pairs = (max(marks) - opts.warmup_steps) * TRL_PAIRS_PER_STEP
     seconds = last - first if first and last > first else None
-    peak = calibrate_peak(device, torch.bfloat16 if args.bf16 else dtype)
+    peak, _ = peak_flops(device, torch.bfloat16 if args.bf16 else torch.float32)
     return {"trl": __import__("trl").__version__, "precompute_ref_log_probs": precompute, "bf16": bool(args.bf16),
             "gradient_checkpointing": bool(args.gradient_checkpointing), "pairs": len(rows),
             "steps": max(marks), "pairs_per_s": pairs / seconds if seconds else None,

@@ -54,13 +54,15 @@ def main(argv: list[str]) -> dict:
     rows = [r for r in profiled if "mfu" in r]
     result = {"overrides": overrides, "steps": len(rows), "loop_seconds": loop, "loop_seconds_unprofiled": plain_s,
               "phases_seconds": phases, "phases_share": {p: s / loop for p, s in phases.items()},
-              "mean_mfu_unprofiled": sum(r["mfu"] for r in plain if "mfu" in r) / max(1, len(rows)),
+              "mean_mfu_unprofiled": None if any(r.get("mfu", 0) is None for r in plain)
+              else sum(r["mfu"] for r in plain if "mfu" in r) / max(1, len(rows)),
               "samples_per_s_unprofiled": sum(r["samples"] for r in plain if "samples" in r) / plain_s,
               "wall_s": time.perf_counter() - began}
     out.mkdir(parents=True, exist_ok=True)
     (out / "phases.json").write_text(json.dumps(result, indent=2) + "\n")
+    mfu = result["mean_mfu_unprofiled"]
     lines = [f"training loop: {loop:.1f} s profiled, {plain_s:.1f} s without the profiler ({len(rows)} steps, "
-             f"{result['samples_per_s_unprofiled']:.2f} samples/s, MFU {result['mean_mfu_unprofiled']:.1%})", "",
+             f"{result['samples_per_s_unprofiled']:.2f} samples/s, MFU {'-' if mfu is None else f'{mfu:.1%}'})", "",
              "| phase | seconds | share |", "|---|---|---|"]
     lines += [f"| {p} | {s:.2f} | {s / loop:.1%} |" for p, s in phases.items()]
     print("\n".join(lines))

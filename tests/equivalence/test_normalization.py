@@ -20,7 +20,7 @@ from ppo_train.model import load_tokenizer
 from ppo_train.train import train
 
 N = 12
-COMMON = [f"dataset.num_rows={N}", "trainer.max_steps=1", "trainer.lr=1.0", "trainer.adam_eps=1000",
+COMMON = ["trainer.precision=fp32", f"dataset.num_rows={N}", "trainer.max_steps=1", "trainer.lr=1.0", "trainer.adam_eps=1000",
           "trainer.max_grad_norm=0", "trainer.warmup_ratio=0", "trainer.schedule=constant",
           "logging.progress=false", "run_name=norm", "dataset.max_prompt_length=96",
           "dataset.max_response_length=48", "packing.row_tokens=256"]

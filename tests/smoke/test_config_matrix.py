@@ -11,7 +11,10 @@ Dimensions (new losses, layouts and packers join through LOSSES and the config E
   and every reference setting with it must be refused;
 - loss: every `loss=` option, each with the non-default parameters of LOSS_VARIANTS;
 - layout: shared, paired, unmasked (always with model.lora.enabled=true, which it needs);
-- packing: none, ffd, sorted.
+- packing: none, ffd, sorted;
+- precision: fp32, bf16 (the two values trainer.precision=auto resolves to; bf16 mixed is autocast
+  over fp32 weights at stage 0 and DeepSpeed's bf16 at stages 1-3, ppo_train/precision.py; fp16
+  is refused at config time, tests/unit/test_precision.py).
 
 Default suite: the classification of the whole product (composed and validated, no model), the
 expected refusals and nothing else; one training step for each combination of a pairwise
@@ -60,9 +63,10 @@ LOSS_VARIANTS: dict[str, list[str]] = {
     "reward": ["loss.center_coef=0.01"],
     "sft": [],  # no parameters
 }
-DIMENSIONS = ("zero", "reference", "loss", "layout", "packing")
+PRECISIONS = ("fp32", "bf16")
+DIMENSIONS = ("zero", "reference", "loss", "layout", "packing", "precision")
 VALUES = {"zero": STAGES, "reference": REFERENCES, "loss": tuple(LOSSES),
-          "layout": tuple(m.value for m in Layout), "packing": tuple(m.value for m in Packer)}
+          "layout": tuple(m.value for m in Layout), "packing": tuple(m.value for m in Packer), "precision": PRECISIONS}
 # One step of a tiny run (about 2 s on 2 CPU cores).
 TINY = ["dataset.num_rows=8", "trainer.max_steps=1", "trainer.save_model=false", "trainer.save_every=0",
         "logging.progress=false", "trainer.grad_accum=1"]
@@ -75,19 +79,20 @@ class Combo(NamedTuple):
     loss: str
     layout: str
     packing: str
+    precision: str = "fp32"
 
     @property
     def id(self) -> str:
         reference = self.reference
         if reference == "table" and not LOSSES[self.loss].needs_reference:
             reference = "noref"
-        return f"zero{self.zero}-{reference}-{self.loss}-{self.layout}-{self.packing}"
+        return f"zero{self.zero}-{reference}-{self.loss}-{self.layout}-{self.packing}-{self.precision}"
 
     def group_overrides(self) -> list[str]:
         return [f"loss={self.loss}", f"layout={self.layout}", f"packing={self.packing}"]
 
     def value_overrides(self, ref_dir: str | Path) -> list[str]:
-        out = [f"trainer.zero_stage={self.zero}", *LOSS_VARIANTS.get(self.loss, [])]
+        out = [f"trainer.zero_stage={self.zero}", f"trainer.precision={self.precision}", *LOSS_VARIANTS.get(self.loss, [])]
         if self.reference in ("live", "separate_live"):
             out.append("reference.live=true")
         if self.reference in ("separate", "separate_live"):

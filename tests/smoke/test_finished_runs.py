@@ -21,7 +21,7 @@ from ppo_train.train import train
 from tests.conftest import child_env
 
 LR = 1e-4
-SMALL = ["dataset.num_rows=40", "packing.row_tokens=1024", "packing.rows_per_batch=2", "logging.progress=false",
+SMALL = ["trainer.precision=fp32", "dataset.num_rows=40", "packing.row_tokens=1024", "packing.rows_per_batch=2", "logging.progress=false",
          f"trainer.lr={LR}", "trainer.schedule=linear", "trainer.warmup_ratio=0.25", "trainer.self_check=false"]
 
 

@@ -24,9 +24,9 @@ import pytest
 from tests.smoke.test_recipes import run_pptrain
 
 SETUPS = {
-    "none": ["logging.progress=false", "dataset.num_rows=64", "trainer.max_steps=3", "packing=none",
+    "none": ["trainer.precision=fp32", "logging.progress=false", "dataset.num_rows=64", "trainer.max_steps=3", "packing=none",
              "trainer.micro_batch_size=4", "trainer.zero_stage=3"],
-    "ffd-uneven-chunks": ["logging.progress=false", "dataset.num_rows=48", "trainer.max_steps=2", "packing=ffd",
+    "ffd-uneven-chunks": ["trainer.precision=fp32", "logging.progress=false", "dataset.num_rows=48", "trainer.max_steps=2", "packing=ffd",
                           "packing.row_tokens=768", "packing.rows_per_batch=1", "model.logits_chunk=32",
                           "trainer.zero_stage=3"],
 }

@@ -88,6 +88,11 @@ def test_recipe_runs_two_steps_with_a_tiny_model(recipe, tmp_path):
     skipped = sum(report.get(k, 0) + report.get(f"eval_file_{k}", 0) for k in kinds)
     assert report["rows"] > 0 and len(report["skipped_rows"]) == min(skipped, 1000)
     assert steps[0]["data/rows"] == report["rows"] and "data/rows" not in steps[1]  # counts on the first row
+    # trainer.precision=auto (every recipe's) resolved on this CPU: bf16 where it has AMX or
+    # AVX512-BF16, else fp32; the first row names it
+    from ppo_train.precision import cpu_has_bf16_units
+
+    assert steps[0]["precision"] == ("bf16" if cpu_has_bf16_units() else "fp32") and "precision" not in steps[1]
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     from ppo_train.vision import load_processor
@@ -114,12 +119,15 @@ GOLDEN_ABS, GOLDEN_REL = 1e-6, 1e-5
 
 def test_golden_run_reproduces_recorded_losses(tmp_path):
     """`tiny_dpo` on its first 120 rows, seed 42, first 4 steps: losses and margins as recorded
-    (CPU, fp32), within GOLDEN_ABS + GOLDEN_REL * |value|. Regenerate
+    (CPU, in the precision the file records: fp32), within GOLDEN_ABS + GOLDEN_REL * |value|. Regenerate
     tests/assets/golden_tiny_dpo.json (same command) only for a change that is meant to change
     the math."""
-    rows = run_pptrain(tmp_path / "run", "trainer.max_steps=4", "dataset.num_rows=120")
+    golden = json.loads(GOLDEN.read_text())
+    rows = run_pptrain(tmp_path / "run", "trainer.max_steps=4", "dataset.num_rows=120",
+                       f"trainer.precision={golden['precision']}")
+    assert rows[0]["precision"] == golden["precision"]
     got = [{"step": r["step"], "loss": r["loss"], "rewards/margins": r["rewards/margins"]} for r in rows]
-    want = json.loads(GOLDEN.read_text())
+    want = golden["rows"]
     assert [g["step"] for g in got] == [w["step"] for w in want], f"got {got}\nwant {want}"
     for g, w in zip(got, want):
         for key in ("loss", "rewards/margins"):
@@ -135,8 +143,11 @@ def test_golden_vision_run_reproduces_recorded_losses(tmp_path, family):
     tokens each step sent through the vision encoder, exactly. Regenerate
     tests/assets/golden_tiny_vlm_dpo_<family>.json (same command) only for a change meant to
     change the math."""
-    rows = run_pptrain(tmp_path / "run", "recipe=tiny_vlm_dpo", f"model=tiny_{family}", "trainer.max_steps=3")
-    want = json.loads((REPO / "tests" / "assets" / f"golden_tiny_vlm_dpo_{family}.json").read_text())
+    golden = json.loads((REPO / "tests" / "assets" / f"golden_tiny_vlm_dpo_{family}.json").read_text())
+    rows = run_pptrain(tmp_path / "run", "recipe=tiny_vlm_dpo", f"model=tiny_{family}", "trainer.max_steps=3",
+                       f"trainer.precision={golden['precision']}")
+    assert rows[0]["precision"] == golden["precision"]
+    want = golden["rows"]
     assert [r["step"] for r in rows] == [w["step"] for w in want]
     for g, w in zip(rows, want):
         assert (g["images"], g["image_tokens"]) == (w["images"], w["image_tokens"]), f"step {w['step']}: {g}"
@@ -150,7 +161,7 @@ def test_golden_vision_run_reproduces_recorded_losses(tmp_path, family):
 def test_paired_and_shared_layouts_train_identically(tmp_path):
     """Same 12 units in one micro-batch per step, 2 epochs: step 1 is at the reference
     (loss ln 2) and step 2 comes after one update, so it compares the training itself."""
-    common = ["dataset.num_rows=12", "trainer.epochs=2", "trainer.micro_batch_size=12", "trainer.lr=1e-3",
+    common = ["trainer.precision=fp32", "dataset.num_rows=12", "trainer.epochs=2", "trainer.micro_batch_size=12", "trainer.lr=1e-3",
               "trainer.warmup_ratio=0", "packing.row_tokens=4096", "packing.rows_per_batch=4"]
     paired = run_pptrain(tmp_path / "paired", "layout=paired", "packing=none", *common)
     shared = run_pptrain(tmp_path / "shared", "layout=shared", "packing=ffd", *common)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.smoke.test_recipes import run_pptrain
 
-ARGS = ["dataset.num_rows=160", "trainer.max_steps=8", "trainer.save_every=2", "packing.rows_per_batch=3",
+ARGS = ["trainer.precision=fp32", "dataset.num_rows=160", "trainer.max_steps=8", "trainer.save_every=2", "packing.rows_per_batch=3",
         "packing.row_tokens=768"]
 
 
@@ -136,7 +136,7 @@ def _pptrain(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=run_dir.parent, env=child_env(), capture_output=True, text=True, timeout=600)
 
 
-SMALL = ["dataset.num_rows=40", "packing.row_tokens=1024", "trainer.save_every=2", "trainer.max_steps=6",
+SMALL = ["trainer.precision=fp32", "dataset.num_rows=40", "packing.row_tokens=1024", "trainer.save_every=2", "trainer.max_steps=6",
          "trainer.save_model=false"]
 
 

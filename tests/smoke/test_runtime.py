@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from ppo_train.cli import compose
 from ppo_train.train import train
 
-BASE = ["dataset.num_rows=40", "trainer.max_steps=3", "logging.progress=false", "run_name=t",
+BASE = ["trainer.precision=fp32", "dataset.num_rows=40", "trainer.max_steps=3", "logging.progress=false", "run_name=t",
         "trainer.save_model=false", "packing.row_tokens=1024", "packing.rows_per_batch=4"]  # one micro-batch a step
 
 

@@ -32,7 +32,7 @@ from tests.smoke.test_recipes import run_pptrain
 # hidden 640, 12 layers, MLP 1792, SmolLM2 vocabulary (tied): 92M parameters
 BIG = dict(model_type="llama", hidden_size=640, intermediate_size=1792, num_hidden_layers=12, num_attention_heads=10,
            num_key_value_heads=10, max_position_embeddings=1024, tie_word_embeddings=True)
-DATA = ["dataset.num_rows=8", "dataset.max_prompt_length=48", "dataset.max_response_length=24",
+DATA = ["trainer.precision=fp32", "dataset.num_rows=8", "dataset.max_prompt_length=48", "dataset.max_response_length=24",
         "packing=none", "trainer.micro_batch_size=2", "trainer.max_steps=1", "trainer.save_model=false",
         "trainer.lr=1e-4", "trainer.warmup_ratio=0"]
 
@@ -53,7 +53,8 @@ def _load(rank: int, port: int, folder: str, sharded: bool, out: str) -> None:
     from ppo_train.model import load_causal_lm
 
     dist = init_distributed("cpu")
-    cfg = compose([f"model.name_or_path={folder}", "model.from_config=null", "trainer.zero_stage=3"])
+    cfg = compose([f"model.name_or_path={folder}", "model.from_config=null", "trainer.zero_stage=3",
+                   "trainer.precision=fp32"])
     before, peak, stop = _anon_mib(), [0.0], threading.Event()
 
     def sample() -> None:
@@ -63,10 +64,12 @@ def _load(rank: int, port: int, folder: str, sharded: bool, out: str) -> None:
 
     thread = threading.Thread(target=sample)
     thread.start()
-    model = load_causal_lm(cfg.model, 49152, torch.float32, "sdpa", 0,
-                           zero3=zero3_config(cfg.trainer, dist.world_size) if sharded else None)
-    stop.set()
-    thread.join()
+    try:  # the sampler stops whatever happens (a failed load must fail the test, not hang it)
+        model = load_causal_lm(cfg.model, 49152, torch.float32, "sdpa", 0,
+                               zero3=zero3_config(cfg.trainer, dist.world_size) if sharded else None)
+    finally:
+        stop.set()
+        thread.join()
     full = sum(p.numel() for p in model.parameters())  # 0 for partitioned placeholders
     own = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -126,35 +126,34 @@ def test_vision_language_points_count_encoder_images_and_calls(tmp_path):
 
 
 def test_vs_trl_report_lists_every_baseline(tmp_path):
-    """The --vs-trl table: one row per TRL run with pptrain's ratios; a missing or failed run is
-    named, not dropped."""
+    """The --vs-trl table: both pptrain rows, one row per TRL run with both pptrain rows' ratios
+    against it; a missing or failed run is named, not dropped; a null MFU shows as such."""
     from bench_report import write_vs_trl
 
     result = {"torch": "x", "overrides": ["model=tiny"],
-              "pptrain": {"pairs_per_s": 4.0, "mfu": 0.4, "peak_rss_mib": 1000.0, "speedup_vs_trl_defaults": 8.0,
-                          "rss_vs_trl_defaults": 0.5},
-              "trl_defaults": {"pairs_per_s": 0.5, "mfu": 0.1, "peak_rss_mib": 2000.0},
-              "trl_precompute": {"error": "boom"}}
+              "pptrain": {"pairs_per_s": 4.0, "mfu": None, "peak_rss_mib": 1000.0, "precision": "bf16",
+                          "speedup_vs_trl_fp32": 8.0, "rss_vs_trl_fp32": 0.5},
+              "pptrain_fp32": {"pairs_per_s": 3.0, "mfu": 0.4, "peak_rss_mib": 900.0, "precision": "fp32",
+                               "speedup_vs_trl_fp32": 6.0, "rss_vs_trl_fp32": 0.45},
+              "trl_fp32": {"pairs_per_s": 0.5, "mfu": 0.1, "peak_rss_mib": 2000.0},
+              "trl_best": {"error": "boom"}}
     table = (Path(write_vs_trl(result, tmp_path)["markdown"])).read_text()
-    assert "| TRL defaults, pptrain's precision | 0.50 | 10.0% | 2000 | 8.00x | 0.50x |" in table
-    assert "| TRL defaults (its bf16 mixed precision) | not run |" in table
-    assert "| TRL precompute_ref_log_probs, pptrain's precision | boom |" in table
-    result["pptrain_bf16"] = {"pairs_per_s": 9.0, "mfu": 0.14, "peak_rss_mib": 1500.0,
-                              "speedup_vs_trl_own_defaults": 12.0, "rss_vs_trl_own_defaults": 0.3}
-    table = (Path(write_vs_trl(result, tmp_path)["markdown"])).read_text()
-    assert ("| pptrain, trainer.precision=bf16 | 9.00 | 14.0% (of the bf16 peak) | 1500 | 12.00x vs TRL's defaults | "
-            "0.30x vs TRL's defaults |") in table
+    assert "| pptrain defaults | bf16 | 4.00 | - | 1000 |  |  |" in table
+    assert "| pptrain fp32 | fp32 | 3.00 | 40.0% | 900 |  |  |" in table
+    assert "| TRL defaults in fp32 | fp32 | 0.50 | 10.0% | 2000 | 8.00x, 0.50x | 6.00x, 0.45x |" in table
+    assert "| TRL defaults (bf16 mixed) | bf16 mixed | not run |" in table
+    assert "| TRL bf16 mixed, precompute_ref_log_probs (its best) | bf16 mixed | boom |" in table
 
 
 def test_vs_trl_rounds_take_turns_and_the_fastest_round_counts(monkeypatch):
-    """--rounds N: pptrain and each TRL run take turns N times; each configuration reports its
-    fastest round (with every round's pairs/s and the highest peak RSS), the ratios come from
-    those, and a round that failed does not hide one that ran."""
+    """--rounds N: both pptrain rows and each TRL run take turns N times; each configuration
+    reports its fastest round (with every round's pairs/s and the highest peak RSS), the ratios
+    come from those, and a round that failed does not hide one that ran."""
     import bench
     import bench_trl
 
-    order, speeds = [], {"pptrain": [5.0, 6.0], "pptrain_bf16": [9.0, 8.0], "trl_own_defaults": [0.5, 0.4],
-                         "trl_defaults": [None, 0.6], "trl_precompute": [None, None]}
+    order, speeds = [], {"pptrain": [5.0, 6.0], "pptrain_fp32": [4.0, 3.0], "trl_own_defaults": [0.5, 0.4],
+                         "trl_fp32": [None, 0.6], "trl_fp32_precompute": [None, None], "trl_best": [0.75, 0.7]}
 
     def fake(name):
         k = sum(1 for o in order if o == name)
@@ -163,21 +162,23 @@ def test_vs_trl_rounds_take_turns_and_the_fastest_round_counts(monkeypatch):
         return {"pairs_per_s": v, "peak_rss_mib": 1000.0 + k, "round": k} if v else {"error": f"{name} failed"}
 
     monkeypatch.setattr(bench_trl, "pptrain_default", lambda overrides, steps: fake(
-        "pptrain_bf16" if "trainer.precision=bf16" in overrides else "pptrain"))
-    monkeypatch.setattr(bench, "_trl", lambda overrides, opts, precompute, own_precision=False: fake(
-        "trl_own_defaults" if own_precision else "trl_precompute" if precompute else "trl_defaults"))
+        "pptrain_fp32" if "trainer.precision=fp32" in overrides else "pptrain"))
+    monkeypatch.setattr(bench, "_trl", lambda overrides, opts, precompute, bf16: fake(
+        {(False, True): "trl_own_defaults", (False, False): "trl_fp32", (True, False): "trl_fp32_precompute",
+         (True, True): "trl_best"}[(precompute, bf16)]))
     result = bench.vs_trl(["model=tiny"], bench.BenchOptions(), 8, rounds=2, log=lambda *a: None)
-    assert order == ["pptrain", "pptrain_bf16", "trl_own_defaults", "trl_defaults", "trl_precompute"] * 2
+    assert order == ["pptrain", "pptrain_fp32", "trl_own_defaults", "trl_fp32", "trl_fp32_precompute", "trl_best"] * 2
     ours = result["pptrain"]
     assert ours["pairs_per_s"] == 6.0 and ours["round"] == 1 and ours["pairs_per_s_rounds"] == [5.0, 6.0]
     assert ours["peak_rss_mib"] == 1001.0 and result["rounds"] == 2
     assert result["trl_own_defaults"]["pairs_per_s"] == 0.5 and result["trl_own_defaults"]["peak_rss_mib"] == 1001.0
-    assert abs(ours["speedup_vs_trl_own_defaults"] - 12.0) < 1e-12 and abs(ours["speedup_vs_trl_defaults"] - 10.0) < 1e-12
-    assert result["trl_defaults"]["pairs_per_s_rounds"] == [None, 0.6]
-    assert result["trl_precompute"] == {"error": "trl_precompute failed"} and "speedup_vs_trl_precompute" not in ours
-    half = result["pptrain_bf16"]  # compared with TRL's own default (bf16 mixed precision) only
-    assert half["pairs_per_s"] == 9.0 and abs(half["speedup_vs_trl_own_defaults"] - 18.0) < 1e-12
-    assert "speedup_vs_trl_defaults" not in half
+    assert abs(ours["speedup_vs_trl_own_defaults"] - 12.0) < 1e-12 and abs(ours["speedup_vs_trl_fp32"] - 10.0) < 1e-12
+    assert abs(ours["speedup_vs_trl_best"] - 8.0) < 1e-12 and abs(ours["rss_vs_trl_best"] - 1.0) < 1e-12
+    assert result["trl_fp32"]["pairs_per_s_rounds"] == [None, 0.6]
+    assert result["trl_fp32_precompute"] == {"error": "trl_fp32_precompute failed"}
+    assert "speedup_vs_trl_fp32_precompute" not in ours
+    fp32 = result["pptrain_fp32"]
+    assert fp32["pairs_per_s"] == 4.0 and abs(fp32["speedup_vs_trl_own_defaults"] - 8.0) < 1e-12
 
 
 def test_a_grid_point_may_pin_its_attention_backend(monkeypatch):

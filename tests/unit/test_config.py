@@ -46,7 +46,7 @@ def test_every_problem_is_listed_at_once_with_suggestions():
     ("loss.variant", "kto", "[sigmoid, ipo, robust, hinge]"),
     ("trainer.device", "gpu", "[auto, cpu, cuda]"),
     ("trainer.schedule", "step", "[constant, linear, cosine]"),
-    ("trainer.precision", "fp8", "[fp32, bf16, fp16]"),
+    ("trainer.precision", "fp8", "[auto, fp32, bf16, fp16]"),
     ("trainer.on_nonfinite", "ignore", "[error, skip]"),
     ("logging.wandb", "yes", "[disabled, offline, online]"),
     ("mode", "bench", "[train, stats]"),

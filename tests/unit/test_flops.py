@@ -68,3 +68,48 @@ def test_step_flops_formula():
 
 def test_peak_calibration_is_a_positive_rate():
     assert calibrate_peak(torch.device("cpu"), torch.float32, seconds=0.05) > 1e8
+
+
+def test_spec_sheet_peaks_by_device_name_and_precision():
+    from ppo_train.flops import table_peak
+
+    assert table_peak("NVIDIA H100 80GB HBM3", torch.bfloat16, tf32=False) == 989.4e12
+    assert table_peak("NVIDIA H100 PCIe", torch.bfloat16, tf32=False) == 756.0e12
+    assert table_peak("NVIDIA H100 80GB HBM3", torch.float32, tf32=True) == 494.7e12
+    assert table_peak("NVIDIA A100-SXM4-80GB", torch.float32, tf32=False) == 19.5e12
+    assert table_peak("NVIDIA L40S", torch.bfloat16, tf32=False) == 362.05e12  # not the L4's
+    assert table_peak("NVIDIA A10G", torch.bfloat16, tf32=False) is None  # no published figure: calibrate
+    assert table_peak("Some Future GPU", torch.bfloat16, tf32=False) is None
+
+
+def test_the_peak_is_the_best_this_machine_recorded(tmp_path):
+    """A calibration under load (low) does not lower the peak below the recorded one; a higher
+    one raises the record; an unreadable record is ignored."""
+    from ppo_train.flops import recorded_peak
+
+    path = tmp_path / "peaks.json"
+    assert recorded_peak(5e11, "cpu|x|bf16", path) == 5e11
+    assert recorded_peak(2e11, "cpu|x|bf16", path) == 5e11  # a busy start-up keeps the unloaded peak
+    assert recorded_peak(7e11, "cpu|x|bf16", path) == 7e11
+    assert recorded_peak(1e11, "cpu|x|fp32", path) == 1e11  # another dtype is another record
+    assert recorded_peak(3e11, "cpu|x|bf16", path) == 7e11
+    path.write_text("not json")
+    assert recorded_peak(3e11, "cpu|x|bf16", path) == 3e11
+
+
+def test_mfu_above_one_is_reported_as_null_with_a_reason(capsys):
+    """A step faster than the peak proves the peak wrong: mfu is null from then on (FLOP/s kept),
+    and one line on stderr says why."""
+    from ppo_train.flops import Utilization
+
+    util = Utilization(FlopCounter(ModelShape(1, 1, 1, 1, 1)), peak=1e9)
+    assert util.row(5e8, 1.0, 1)["mfu"] == 0.5
+    row = util.row(3e9, 1.0, 1)
+    assert row["mfu"] is None and row["flops_per_s"] == 3e9
+    assert util.row(5e8, 1.0, 1)["mfu"] is None  # the rest of the run
+    err = capsys.readouterr().err
+    assert err.count("mfu is null") == 1 and "exceed the calibrated peak" in err
+    assert util.row(1.5e9, 1.0, 2)["mfu"] is None
+    quiet = Utilization(FlopCounter(ModelShape(1, 1, 1, 1, 1)), peak=1e9, announce=False)
+    assert quiet.row(3e9, 1.0, 1)["mfu"] is None and capsys.readouterr().err == ""
+    assert Utilization(FlopCounter(ModelShape(1, 1, 1, 1, 1)), peak=1e9).row(1.5e9, 1.0, 2)["mfu"] == 0.75
