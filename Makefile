@@ -32,7 +32,8 @@ NO_SHARED_DATA := $(CURDIR)/.no-shared-data
 test: install ## the default test suite (no slow, no GPU tests, no data outside the repo); CI runs this
 	PPTRAIN_SHARED_DATA=$(NO_SHARED_DATA) $(PY) -m pytest -q -m "not slow and not gpu"
 
-test-slow: install ## slow tests (real SmolLM2, multi-process; ../shared/data when present)
+test-slow: install ## slow tests (real SmolLM2, multi-process, TRL's own losses; ../shared/data when present)
+	$(PIP) install --quiet -e ".[trl]"
 	$(PY) -m pytest -q -m slow
 
 test-gpu: install ## tests that need a CUDA device

@@ -40,7 +40,7 @@ def tiny_reward_model(seed=0):
     return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
-def run(loss: str, examples, setup: str):
+def run(loss: str, examples, setup: str, loss_cfg=LOSS_CFG):
     """Total loss (sum of per-pair losses / all pairs), per-response scores and gradients."""
     layout, packing = PACK[setup]
     units = build_units(examples, layout)
@@ -54,7 +54,7 @@ def run(loss: str, examples, setup: str):
         # a fixed reference that differs per response, so DPO is not at its ln 2 start
         ref = ResponseLogps(-(batch.response_unit.double() * 7 % 5) - batch.response_k.double() * 2.0, out.counts) \
             if LOSSES[loss].needs_reference else None
-        per_pair, _ = LOSSES[loss].fn(out, ref, batch.pairs, LOSS_CFG)
+        per_pair, _ = LOSSES[loss].fn(out, ref, batch.pairs, loss_cfg)
         (per_pair.sum() / total_pairs).backward()
         total += float(per_pair.sum().detach()) / total_pairs
         for u, k, s in zip(batch.response_unit.tolist(), batch.response_k.tolist(), out.sums.tolist()):
@@ -63,13 +63,28 @@ def run(loss: str, examples, setup: str):
     return total, scores, grads
 
 
-@pytest.mark.parametrize("loss", ["dpo", "simpo", "orpo", "sft", "reward"])
-@pytest.mark.parametrize("k", [2, 3, 4])
-def test_every_loss_shared_packed_equals_paired(loss, k):
+# loss=dpo under TRL's loss_type names: each a different use of the sums, counts and pairs
+DPO_VARIANTS = {
+    "sigmoid_norm": {"variant": "sigmoid_norm", "beta": 5.0},
+    "exo_pair": {"variant": "exo_pair", "label_smoothing": 0.01},
+    "nca_pair+apo_down": {"variant": ["nca_pair", "apo_down"], "weights": [1.0, 0.5]},
+    "sppo_hard+bco_pair": {"variant": ["sppo_hard", "bco_pair"]},
+    "discopop/js": {"variant": "discopop", "f_divergence": "js_divergence"},
+    "ipo/alpha": {"variant": "ipo", "f_divergence": "alpha_divergence", "f_alpha": 1.5},
+}
+
+
+@pytest.mark.parametrize("loss, variant, k", [(loss, None, k) for loss in ["dpo", "simpo", "orpo", "sft", "reward"]
+                                              for k in (2, 3, 4)] + [("dpo", v, 3) for v in DPO_VARIANTS])
+def test_every_loss_shared_packed_equals_paired(loss, variant, k):
+    """Every loss at K = 2, 3, 4; each TRL-named dpo variant (and mix, and f-divergence) at K = 3."""
+    loss_cfg = LOSS_CFG if variant is None else OmegaConf.merge(
+        LOSS_CFG, {"weights": None, "f_divergence": "reverse_kl", "f_alpha": 0.5, "discopop_tau": 0.05},
+        DPO_VARIANTS[variant])
     examples = random_examples(7, k, seed=40 + k)
-    base_loss, base_scores, base_grads = run(loss, examples, "paired-none")
+    base_loss, base_scores, base_grads = run(loss, examples, "paired-none", loss_cfg)
     for setup in ("shared-ffd", "shared-sorted"):
-        total, scores, grads = run(loss, examples, setup)
+        total, scores, grads = run(loss, examples, setup, loss_cfg)
         diff = max(abs(scores[key] - base_scores[key]) for key in base_scores)
         assert scores.keys() == base_scores.keys() and diff <= 1e-5, f"{loss} {setup} K={k}: scores differ by {diff:.3g}"
         assert abs(total - base_loss) <= 1e-5, f"{loss} {setup} K={k}: loss {total} vs {base_loss}"

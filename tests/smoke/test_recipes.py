@@ -64,9 +64,21 @@ def test_recipe_composes_and_validates(recipe):
     assert cfg.dataset.path and cfg.loss.name
 
 
+def test_tulu_dpo_is_tulu_3s_published_dpo():
+    """Lambert et al. 2024, Table 20, 8B: length-normalized DPO, beta 5, lr 5e-7, linear, warm-up
+    0.1, 1 epoch, 128 pairs per step on 8 GPUs, [prompt | response] within 2048 tokens."""
+    cfg = compose(["recipe=tulu_dpo"])
+    assert (cfg.loss.name, cfg.loss.variant, cfg.loss.beta) == ("dpo", "sigmoid_norm", 5.0)
+    t = cfg.trainer
+    assert (t.lr, str(t.schedule), t.warmup_ratio, t.epochs) == (5e-7, "linear", 0.1, 1)
+    assert cfg.packing.name == "sorted" and t.micro_batch_size * t.grad_accum * 8 == 128
+    assert cfg.dataset.max_prompt_length + cfg.dataset.max_response_length == 2048
+    assert str(t.precision) == "auto" and t.gradient_checkpointing
+
+
 def test_command_line_group_override_wins_over_recipe():
-    assert compose(["recipe=tulu_dpo"]).packing.name == "ffd"
-    assert compose(["recipe=tulu_dpo", "packing=sorted"]).packing.name == "sorted"
+    assert compose(["recipe=tulu_dpo"]).packing.name == "sorted"
+    assert compose(["recipe=tulu_dpo", "packing=ffd"]).packing.name == "ffd"
     assert compose(["recipe=tulu_dpo", "layout=paired"]).layout.name == "paired"
 
 

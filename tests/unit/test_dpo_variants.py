@@ -1,0 +1,239 @@
+"""`loss=dpo` under TRL 1.16's loss_type names (ppo_train/losses/dpo.py): every supported name,
+under every f-divergence, and weighted lists, against a hand-written per-pair reference in
+float64 scalar math (the papers' formulas as TRL states them, written independently of the
+vectorized code); the config refusals; shared + ffd equal to paired + none is in
+tests/equivalence/test_losses_shared.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ppo_train.cli import compose
+from ppo_train.config_check import validate
+from ppo_train.errors import ConfigError
+from ppo_train.logps import ResponseLogps
+from ppo_train.losses.dpo import NOT_YET, TRL_LOSS_TYPES, dpo_loss
+
+SUPPORTED = [n for n in TRL_LOSS_TYPES if n not in NOT_YET]
+DIVERGENCES = ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+
+
+def lsig(x: float) -> float:
+    """log sigmoid(x), stable in plain math."""
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def sig(x: float) -> float:
+    return math.exp(lsig(x))
+
+
+def f_prime(t: float, kind: str, alpha: float) -> float:
+    """f'(u) at u = exp(t) (the policy/reference ratio), per Wang et al. 2023's table."""
+    u = math.exp(t)
+    if kind == "reverse_kl":  # f(u) = -log u ... f'(u) = log u (DPO)
+        return math.log(u)
+    if kind == "forward_kl":  # f(u) = u log u: f'(u) = 1 - 1/u (as TRL writes it)
+        return 1 - 1 / u
+    if kind == "js_divergence":  # f'(u) = log(2u / (1 + u))
+        return math.log(2 * u / (1 + u))
+    return (u ** (alpha - 1) - 1) / (alpha - 1)  # alpha-divergence
+
+
+def hand(name: str, beta: float, c: float, r: float, nw: float, nl: float, kind: str = "reverse_kl",
+         alpha: float = 0.5, eps: float = 0.0, tau: float = 0.05) -> float:
+    sc, sr = f_prime(c, kind, alpha), f_prime(r, kind, alpha)
+    d = sc - sr
+    if name == "sigmoid":
+        return -lsig(beta * d)
+    if name == "hinge":
+        return max(0.0, 1 - beta * d)
+    if name == "ipo":
+        return (sc / nw - sr / nl - 1 / (2 * beta)) ** 2
+    if name == "exo_pair":  # KL(q || p) over {chosen, rejected}, q = softmax of beta * scores, p = (1 - eps, eps)
+        q = sig(beta * d)
+        return q * math.log(q / (1 - eps)) + (1 - q) * math.log((1 - q) / eps)
+    if name == "nca_pair":
+        return -lsig(beta * c) - 0.5 * lsig(-beta * c) - 0.5 * lsig(-beta * r)
+    if name == "robust":
+        return ((1 - eps) * -lsig(beta * d) + eps * lsig(-beta * d)) / (1 - 2 * eps)
+    if name == "bco_pair":
+        return -lsig(beta * c) - lsig(-beta * r)
+    if name == "sppo_hard":
+        return (c - 1 / (2 * beta)) ** 2 + (r + 1 / (2 * beta)) ** 2
+    if name == "apo_zero":
+        return (1 - sig(beta * c)) + sig(beta * r)
+    if name == "apo_down":
+        return sig(beta * c) + (1 - sig(beta * (c - r)))
+    if name == "discopop":
+        x = beta * d
+        m = sig(x / tau)
+        return (1 - m) * -lsig(x) + m * math.exp(-x)
+    if name == "sigmoid_norm":
+        return -lsig(beta * (sc / nw - sr / nl))
+    raise AssertionError(name)
+
+
+def batch(seed: int = 0):
+    """6 responses with sums and counts (policy, reference) and pairs among them."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(3, 40, (6,), generator=gen).double()
+    pol = -counts * (1.0 + torch.rand(6, generator=gen, dtype=torch.float64))
+    ref = pol + 2.0 * torch.randn(6, generator=gen, dtype=torch.float64)
+    pairs = torch.tensor([[0, 1], [2, 3], [4, 5], [1, 4], [5, 0]])
+    return ResponseLogps(pol.requires_grad_(), counts), ResponseLogps(ref, counts), pairs
+
+
+def cfg(variant, beta=0.1, **extra):
+    return OmegaConf.create({"beta": beta, "variant": variant, "label_smoothing": 0.0, "weights": None,
+                             "f_divergence": "reverse_kl", "f_alpha": 0.5, "discopop_tau": 0.05, **extra})
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_every_trl_name_equals_the_hand_reference(name, kind):
+    eps = 0.1 if name in ("robust", "exo_pair") else 0.0
+    for beta in (0.1, 2.0):
+        pol, ref, pairs = batch(seed=len(name))
+        got, metrics = dpo_loss(pol, ref, pairs, cfg(name, beta, label_smoothing=eps, f_divergence=kind, f_alpha=0.3))
+        for i, (w, l) in enumerate(pairs.tolist()):
+            c = float(pol.sums[w].detach() - ref.sums[w])
+            r = float(pol.sums[l].detach() - ref.sums[l])
+            want = hand(name, beta, c, r, float(pol.counts[w]), float(pol.counts[l]), kind, 0.3, eps)
+            value = float(got[i].detach())
+            assert abs(value - want) <= 1e-9 * max(1.0, abs(want)), (name, kind, beta, i, value, want)
+            norm = name in ("ipo", "sigmoid_norm")
+            assert abs(float(metrics["rewards/chosen"][i]) - beta * c / (float(pol.counts[w]) if norm else 1)) < 1e-9
+        got.sum().backward()  # finite gradients everywhere
+        assert torch.isfinite(pol.sums.grad).all()
+        pol.sums.grad = None
+
+
+def test_alpha_one_is_reverse_kl_and_f_divergences_reach_the_policy():
+    pol, ref, pairs = batch()
+    base, _ = dpo_loss(pol, ref, pairs, cfg("sigmoid"))
+    same, _ = dpo_loss(pol, ref, pairs, cfg("sigmoid", f_divergence="alpha_divergence", f_alpha=1.0))
+    other, _ = dpo_loss(pol, ref, pairs, cfg("sigmoid", f_divergence="forward_kl"))
+    assert torch.equal(base, same) and not torch.allclose(base, other)
+
+
+def test_a_list_is_the_weighted_sum_of_its_terms():
+    """RPO-like and MPO-like mixes: loss = sum of weight x term per pair; equal weights when unset."""
+    pol, ref, pairs = batch(seed=3)
+    terms = {n: dpo_loss(pol, ref, pairs, cfg(n, 0.5, label_smoothing=0.2 if n == "robust" else 0.0))[0]
+             for n in ("sigmoid", "hinge", "robust", "bco_pair")}
+    mixed, _ = dpo_loss(pol, ref, pairs, cfg(["sigmoid", "robust", "bco_pair"], 0.5, weights=[0.8, 0.2, 1.5],
+                                             label_smoothing=0.2))
+    assert torch.allclose(mixed, 0.8 * terms["sigmoid"] + 0.2 * terms["robust"] + 1.5 * terms["bco_pair"], atol=1e-12)
+    equal, _ = dpo_loss(pol, ref, pairs, cfg(["sigmoid", "hinge"], 0.5))
+    assert torch.allclose(equal, terms["sigmoid"] + terms["hinge"], atol=1e-12)
+
+
+def test_the_four_original_variants_are_unchanged():
+    """sigmoid, robust, hinge and ipo as before: the formulas of the previous dpo_loss."""
+    pol, ref, pairs = batch(seed=5)
+    w, l = pairs[:, 0], pairs[:, 1]
+    h = (pol.sums[w] - ref.sums[w]) - (pol.sums[l] - ref.sums[l])
+    hm = (pol.means[w] - ref.means[w]) - (pol.means[l] - ref.means[l])
+    eps, beta = 0.2, 0.1
+    want = {"sigmoid": -torch.nn.functional.logsigmoid(beta * h),
+            "robust": ((1 - eps) * -torch.nn.functional.logsigmoid(beta * h)
+                       + eps * torch.nn.functional.logsigmoid(-beta * h)) / (1 - 2 * eps),
+            "hinge": torch.relu(1 - beta * h), "ipo": (hm - 1 / (2 * beta)) ** 2}
+    for name, value in want.items():
+        got, _ = dpo_loss(pol, ref, pairs, cfg(name, beta, label_smoothing=eps if name == "robust" else 0.0))
+        assert torch.allclose(got, value, atol=1e-12, rtol=0), name
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["loss.variant=sigmoidd"], "loss.variant=sigmoidd: expected one of"),
+    (["loss.variant=aot"], "loss.variant=aot: not supported yet"),
+    (["loss.variant=[sigmoid,sft]"], "loss.variant=sft: not supported yet"),
+    (["loss.variant=[sigmoid,hinge]", "loss.weights=[1.0]"], "loss.weights=[1.0]: expected one weight per"),
+    (["loss.variant=[sigmoid,sigmoid]"], "a name appears twice"),
+    (["loss.variant=exo_pair"], "loss.label_smoothing=0 with loss.variant=exo_pair"),
+    (["loss.variant=hinge", "loss.label_smoothing=0.1"], "only used by loss.variant robust and exo_pair"),
+    (["loss.discopop_tau=0"], "loss.discopop_tau=0"),
+    (["loss.f_divergence=kl"], "f_divergence"),
+    (["loss.variant=[sigmoid,bco_pair]", "loss.f_divergence=forward_kl"], "those terms use the plain log-ratios"),
+])
+def test_refusals_name_the_key(overrides, needle):
+    from hydra.errors import ConfigCompositionException
+
+    try:
+        validate(compose(overrides))
+    except (ConfigError, ConfigCompositionException) as err:
+        text = str(err) + str(getattr(err, "__cause__", ""))
+        assert needle in text, text
+    else:
+        raise AssertionError(f"{overrides} was accepted")
+
+
+def test_trl_names_and_lists_compose_from_the_command_line():
+    for overrides in (["loss.variant=sigmoid_norm", "loss.beta=5"], ["loss.variant=[sigmoid,apo_zero]",
+                      "loss.weights=[1.0,0.5]"], ["loss.variant=exo_pair", "loss.label_smoothing=0.001"],
+                      ["loss.f_divergence=js_divergence"], ["loss.variant=discopop", "loss.discopop_tau=0.1"]):
+        validate(compose(overrides))
+
+
+# --- against TRL's own DPOTrainer (slow: needs the trl extra) ---
+
+TRL_CASES = [(n, "reverse_kl") for n in SUPPORTED] + [(n, k) for n in ("sigmoid", "ipo", "exo_pair", "discopop")
+                                                      for k in DIVERGENCES[1:]] + [(("sigmoid", "apo_zero"), "reverse_kl")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("names, kind", TRL_CASES, ids=lambda v: v if isinstance(v, str) else "+".join(v))
+def test_dpo_variants_equal_trl_dpotrainers_loss(names, kind, tmp_path):
+    """TRL 1.16's DPOTrainer computes its loss on one batch of 4 pairs (its own tokenization,
+    collation and forwards, a reference model with other weights); pptrain's dpo_loss on the
+    summed log-probs of the same sequences (separate plain forwards of the same two models) gives
+    the same mean loss."""
+    pytest.importorskip("trl")
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    from ppo_train.fileio import asset_path
+    from ppo_train.model import load_tokenizer
+
+    names = [names] if isinstance(names, str) else list(names)
+    tok = load_tokenizer(OmegaConf.create({"tokenizer": str(asset_path("smollm2")), "name_or_path": None,
+                                           "revision": None, "trust_remote_code": False}))
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", vocab=len(tok), seed=0).train()
+    reference = tiny_model("llama", vocab=len(tok), seed=1).eval()
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i + 2}?", "chosen": f" It is {2 * i + 2}." + " Yes." * i,
+             "rejected": f" Maybe {i * 3}, or not." + " Hm." * (3 - i)} for i in range(4)]
+    eps = 0.05 if {"robust", "exo_pair"} & set(names) else 0.0
+    args = DPOConfig(output_dir=str(tmp_path), loss_type=names, beta=0.5, label_smoothing=eps,
+                     f_divergence_type=kind, f_alpha_divergence_coef=0.7, discopop_tau=0.1, report_to="none",
+                     use_cpu=True, bf16=False, per_device_train_batch_size=4, max_length=None, seed=0)
+    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tok)
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        trl_loss = float(trainer.compute_loss(trainer.model, batch))
+
+        def sums(m):
+            out, counts = [], []
+            for ids, attn, comp in zip(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]):
+                keep = attn.bool()
+                ids, comp = ids[keep], comp[keep]
+                logps = m(input_ids=ids[None]).logits[0, :-1].double().log_softmax(-1)
+                token = logps.gather(-1, ids[1:, None]).squeeze(-1)
+                out.append(float((token * comp[1:]).sum()))
+                counts.append(float(comp.sum()))
+            return torch.tensor(out, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
+
+        pol, counts = sums(trainer.model)
+        ref, _ = sums(reference)
+    n = len(rows)
+    pairs = torch.tensor([[i, n + i] for i in range(n)])  # TRL's batch is [chosen..., rejected...]
+    ours, _ = dpo_loss(ResponseLogps(pol, counts), ResponseLogps(ref, counts), pairs,
+                       cfg(names if len(names) > 1 else names[0], 0.5, label_smoothing=eps, f_divergence=kind,
+                           f_alpha=0.7, discopop_tau=0.1))
+    assert abs(float(ours.mean()) - trl_loss) <= 1e-5 * max(1.0, abs(trl_loss)), (names, kind, float(ours.mean()), trl_loss)
