@@ -29,13 +29,19 @@ from ppo_train.precision import autocast
 class ResponseLogps:
     sums: torch.Tensor  # (R,) float64 sum of token log-probs of each response
     counts: torch.Tensor  # (R,) float64 number of tokens of each response
+    # (P, 2) float64: each pair member's sum over its first min(n_w, n_l) tokens (LD-DPO), or None
+    shared: torch.Tensor | None = None
+    # (R,) float64: sum over each response's tokens of log p(y_t) - log sum_v p(v)^2 (WPO), or None
+    wpo: torch.Tensor | None = None
 
     @property
     def means(self) -> torch.Tensor:
         return self.sums / self.counts.clamp(min=1)
 
     def detach(self) -> "ResponseLogps":
-        return ResponseLogps(self.sums.detach(), self.counts.detach())
+        return ResponseLogps(self.sums.detach(), self.counts.detach(),
+                             None if self.shared is None else self.shared.detach(),
+                             None if self.wpo is None else self.wpo.detach())
 
 
 def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -58,11 +64,13 @@ class LinearLogProbs(torch.autograd.Function):
 
     The two matmuls run in `dtype` (None: the weight's; bf16 mixed precision over fp32 weights
     passes bf16, and the weight is cast once per call), the softmax and its gradient in fp32; the
-    weight's gradient is summed over chunks in fp32 and returned in the weight's dtype."""
+    weight's gradient is summed over chunks in fp32 and returned in the weight's dtype. `sq_out`
+    (n,) fp32, when given, receives each row's log sum_v softmax_v^2 (WPO; no gradient)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                recompute: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+                recompute: bool, dtype: torch.dtype | None = None, sq_out: torch.Tensor | None = None
+                ) -> torch.Tensor:
         w = weight if dtype is None else weight.to(dtype)  # the compute copy (the weight itself when no cast)
         n, vocab = hidden.shape[0], weight.shape[0]
         out = hidden.new_empty(n, dtype=torch.float32)
@@ -74,6 +82,8 @@ class LinearLogProbs(torch.autograd.Function):
             logits = _logits_into(buf[:e - s] if recompute else keep[s:e], hidden[s:e].to(w.dtype), w)
             picked, lse[s:e], total = _exp_(logits, targets[s:e])
             out[s:e] = picked - lse[s:e]
+            if sq_out is not None:  # WPO: log sum_v p(v)^2 = 2 log(||exp(l - max)|| / total), no (n, V) temporary
+                sq_out[s:e] = 2 * (torch.linalg.vector_norm(logits, dim=-1).log() - total.log())
             if not recompute:  # keep the probabilities for the backward
                 logits.div_(total[:, None])
         ctx.recompute, ctx.chunk, ctx.weight_dtype = recompute, chunk, weight.dtype
@@ -110,7 +120,7 @@ class LinearLogProbs(torch.autograd.Function):
                 grad_w = part if grad_w is None else grad_w.add_(part)
         if want_w and grad_w is None:  # no response tokens: a zero gradient keeps the head in the graph
             grad_w = torch.zeros(w.shape, dtype=ctx.weight_dtype, device=w.device)
-        return grad_h, grad_w.to(ctx.weight_dtype) if want_w else None, None, None, None, None
+        return grad_h, grad_w.to(ctx.weight_dtype) if want_w else None, None, None, None, None, None
 
 
 def fusable(head: torch.nn.Module) -> bool:
@@ -119,18 +129,22 @@ def fusable(head: torch.nn.Module) -> bool:
 
 
 def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, sq: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs of the targets, log sum_v p(v)^2 per row when `sq`, detached)."""
     with autocast(hidden.device.type, dtype):
         logits = head(hidden).float()  # (n, V) for one chunk only
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    lss = (torch.logsumexp(2 * logits.detach(), dim=-1) - 2 * lse.detach()) if sq else None
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - lse, lss
 
 
 def token_logps(hidden: torch.Tensor, pred_index: torch.Tensor, targets: torch.Tensor,
                 head: torch.nn.Module, chunk: int = 1024, num_chunks: int | None = None,
-                recompute: bool = True, dtype: torch.dtype | None = None) -> torch.Tensor:
+                recompute: bool = True, dtype: torch.dtype | None = None, sq: bool = False):
     """hidden (B, L, H), pred_index (T,) flat positions, targets (T,) -> (T,) fp32 log-probs
     (log-softmax in fp32 whatever the model dtype). `dtype`: the head's matmuls in it (bf16 mixed
-    precision over fp32 weights); None: in the weight's dtype.
+    precision over fp32 weights); None: in the weight's dtype. `sq`: also return (T,) fp32
+    log sum_v p(v)^2 of each position (WPO), without gradient: (log-probs, that).
 
     `num_chunks` >= ceil(T / chunk) makes exactly that many head calls: the extra ones run on
     one real row and add 0 to the result. Under ZeRO-3 every head call gathers the head's
@@ -141,24 +155,46 @@ def token_logps(hidden: torch.Tensor, pred_index: torch.Tensor, targets: torch.T
     flat = hidden.reshape(-1, hidden.shape[-1])
     if fusable(head):
         grads = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
-        return LinearLogProbs.apply(flat.index_select(0, pred_index), head.weight, targets, chunk,
-                                    recompute or not grads, dtype)
+        sq_out = flat.new_empty(pred_index.shape[0], dtype=torch.float32) if sq else None
+        out = LinearLogProbs.apply(flat.index_select(0, pred_index), head.weight, targets, chunk,
+                                   recompute or not grads, dtype, sq_out)
+        return (out, sq_out) if sq else out
     n = pred_index.shape[0]
     own = -(-n // chunk)
-    parts, extra = [], None
+    parts, squares, extra = [], [], None
     for i in range(max(own, num_chunks or 0)):
         if i < own:
             h, t = flat.index_select(0, pred_index[i * chunk:(i + 1) * chunk]), targets[i * chunk:(i + 1) * chunk]
         else:
             h, t = flat[:1], targets.new_zeros(1)
-        out = checkpoint(_token_logps, h, t, head, dtype, use_reentrant=False) \
-            if recompute and torch.is_grad_enabled() else _token_logps(h, t, head, dtype)
+        out, lss = checkpoint(_token_logps, h, t, head, dtype, sq, use_reentrant=False) \
+            if recompute and torch.is_grad_enabled() else _token_logps(h, t, head, dtype, sq)
         if i < own:
             parts.append(out)
+            squares.append(lss)
         else:
             extra = 0.0 * out.sum() if extra is None else extra + 0.0 * out.sum()
     result = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
-    return result if extra is None else result + extra
+    result = result if extra is None else result + extra
+    if not sq:
+        return result
+    return result, torch.cat(squares) if squares else flat.new_zeros(0, dtype=torch.float32)
+
+
+def shared_sums(values: torch.Tensor, owner: torch.Tensor, counts: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """values (T,) token log-probs, owner (T,) their response (each response's tokens contiguous
+    and in order, as collate lays them out), counts (R,), pairs (P, 2) -> (P, 2) float64: each
+    pair member's sum over its first min(n_w, n_l) tokens (differentiable in `values`)."""
+    if pairs.numel() == 0:
+        return values.new_zeros((0, 2), dtype=torch.float64)
+    cum = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])  # (T + 1,)
+    n = counts.long()
+    first = torch.full_like(n, owner.numel()).scatter_reduce(0, owner, torch.arange(owner.numel(), device=owner.device),
+                                                              "amin")
+    start = torch.where(n > 0, first, torch.zeros_like(first))  # a response without tokens: any start (m = 0)
+    m = torch.minimum(n[pairs[:, 0]], n[pairs[:, 1]])[:, None]  # (P, 1)
+    lo = start[pairs]  # (P, 2) each member's first token
+    return cum[lo + m] - cum[lo]
 
 
 def sum_per_response(values: torch.Tensor, owner: torch.Tensor, num_responses: int) -> ResponseLogps:

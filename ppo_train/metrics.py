@@ -23,8 +23,12 @@ class StepMetrics:
         self.start = time.perf_counter()
         self.utilization = utilization  # flops.Utilization: model FLOPs per batch and the peak
 
-    def add_pairs(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
-        self.sums["scored_pairs"] += int(loss.numel())
+    def add_pairs(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], terms: int | None = None) -> None:
+        """`loss`: the batch's loss terms; `terms`: how many units they are a loss of (lists for a
+        listwise loss; default: one per term, i.e. per pair); `metrics`: per-pair tensors."""
+        pairs = int(next(iter(metrics.values())).numel()) if metrics else int(loss.numel())
+        self.sums["scored_pairs"] += pairs
+        self.sums["loss_terms"] += int(loss.numel()) if terms is None else int(terms)
         self.sums["loss"] += float(loss.detach().sum())
         for key, value in metrics.items():
             self.sums[key] += float(value.detach().sum())
@@ -54,7 +58,9 @@ class StepMetrics:
         scored = totals.get("scored_pairs", 0.0)
         row = {"loss": None}
         row.update({k: (v / scored if scored else None) for k, v in totals.items()
-                    if k in ("loss", "nll", "log_odds_ratio") or "/" in k})
+                    if k in ("nll", "log_odds_ratio") or "/" in k})
+        terms = totals.get("loss_terms", 0.0)  # pairs, or lists for a listwise loss
+        row["loss"] = totals["loss"] / terms if terms and "loss" in totals else None
         for k in ("pairs", "responses", "samples", "tokens", "real_tokens"):
             row[k] = int(totals.get(k, 0))
         if totals.get("images"):  # summed over ranks first, so every rank agrees on the keys

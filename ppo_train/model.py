@@ -369,7 +369,10 @@ def build_policy(cfg: DictConfig, tokenizer, dist, longest_sequence: int = 0) ->
     recompute = dist.device.type == "cuda" if recompute is None else recompute
     if reward:
         return RewardModule(model, numerics.autocast)
-    return PolicyModule(model, cfg.model.logits_chunk, dist, recompute, numerics.autocast)
+    from ppo_train.losses.dpo import wants_shared_sums
+
+    return PolicyModule(model, cfg.model.logits_chunk, dist, recompute, numerics.autocast,
+                        shared_sums=wants_shared_sums(cfg.loss), wpo=bool(cfg.loss.get("wpo", False)))
 
 
 def lora_writer(cfg: DictConfig, tokenizer, saver=None, world_size: int = 1):

@@ -38,19 +38,32 @@ def _file(split: str) -> str:
 
 
 class ReferenceTable:
-    def __init__(self, sums: torch.Tensor, counts: torch.Tensor, fingerprint: str):
+    """Per (unit, response): the reference's log-prob sum and token count. With loss.ld_alpha also
+    per (unit, pair): both members' sums over the pair's shared length (`shared`, (U, Pmax, 2)),
+    since a response's LD-DPO log-prob depends on its partner (two numbers per pair instead of a
+    per-token table)."""
+
+    def __init__(self, sums: torch.Tensor, counts: torch.Tensor, fingerprint: str,
+                 shared: torch.Tensor | None = None):
         self.sums, self.counts, self.fingerprint = sums, counts, fingerprint  # (U, Kmax) float64, CPU
+        self.shared = shared
 
     def scores(self, scored: Scored) -> ResponseLogps:
-        """The batch's reference values, looked up by (unit, response)."""
+        """The batch's reference values, looked up by (unit, response) and (unit, pair)."""
         batch = scored.batch
         u, k = batch.response_unit.cpu(), batch.response_k.cpu()
         device = batch.input_ids.device
-        return ResponseLogps(self.sums[u, k].to(device), self.counts[u, k].to(device))
+        shared = None
+        if self.shared is not None:
+            shared = self.shared[batch.pair_unit.cpu(), batch.pair_k.cpu()].to(device)
+        return ResponseLogps(self.sums[u, k].to(device), self.counts[u, k].to(device), shared)
 
     def save(self, run_dir: Path, split: str = "train") -> None:
+        tensors = {"sums": self.sums, "counts": self.counts}
+        if self.shared is not None:
+            tensors["shared"] = self.shared
         with fileio.staged(run_dir / _file(split)) as tmp:
-            save_file({"sums": self.sums, "counts": self.counts}, str(tmp), metadata={"fingerprint": self.fingerprint})
+            save_file(tensors, str(tmp), metadata={"fingerprint": self.fingerprint})
 
     @classmethod
     def load(cls, run_dir: Path, fingerprint: str, split: str = "train") -> "ReferenceTable | None":
@@ -67,7 +80,7 @@ class ReferenceTable:
                 if (f.metadata() or {}).get("fingerprint") != fingerprint:
                     return None
             tensors = load_file(str(path))
-            table = cls(tensors["sums"], tensors["counts"], fingerprint)
+            table = cls(tensors["sums"], tensors["counts"], fingerprint, tensors.get("shared"))
         except (SafetensorError, OSError, ValueError, KeyError) as err:
             print(f"pptrain: warning: the reference cache {path} cannot be read ({type(err).__name__}: {err}); "
                   "computing it again", file=sys.stderr)
@@ -114,6 +127,9 @@ def compute_table(module, scorer: Scorer, schedule: Schedule, dist: DistInfo, fp
     kmax = int(units.num_responses.max(initial=1))
     sums = torch.zeros(len(units), kmax, dtype=torch.float64)
     counts = torch.zeros(len(units), kmax, dtype=torch.float64)
+    shared = None
+    if getattr(getattr(module, "module", module), "shared_sums", False):
+        shared = torch.zeros(len(units), int(units.num_pairs.max(initial=1)), 2, dtype=torch.float64)
     was_training = module.training
     module.eval()
     for step in schedule.steps():
@@ -122,8 +138,11 @@ def compute_table(module, scorer: Scorer, schedule: Schedule, dist: DistInfo, fp
             u, k = scored.batch.response_unit.cpu(), scored.batch.response_k.cpu()
             sums[u, k] = scored.scores.sums.double().cpu()
             counts[u, k] = scored.scores.counts.double().cpu()
+            if shared is not None:
+                shared[scored.batch.pair_unit.cpu(), scored.batch.pair_k.cpu()] = scored.scores.shared.double().cpu()
     module.train(was_training)
-    return ReferenceTable(reduce(sums, dist), reduce(counts, dist), fp)
+    return ReferenceTable(reduce(sums, dist), reduce(counts, dist), fp,
+                          None if shared is None else reduce(shared, dist))
 
 
 def reference_module(cfg, tokenizer, dist: DistInfo, longest_sequence: int = 0):
@@ -140,7 +159,10 @@ def reference_module(cfg, tokenizer, dist: DistInfo, longest_sequence: int = 0):
                            resolve_backend(cfg.model.attention, dist.device), cfg.trainer.seed,
                            cfg.reference.name_or_path, cfg.reference.gguf_file, longest_sequence=longest_sequence,
                            zero3=zero3_config(cfg.trainer, dist.world_size))
-    return PolicyModule(model, cfg.model.logits_chunk, dist, autocast=numerics.autocast)
+    from ppo_train.losses.dpo import wants_shared_sums
+
+    return PolicyModule(model, cfg.model.logits_chunk, dist, autocast=numerics.autocast,
+                        shared_sums=wants_shared_sums(cfg.loss))
 
 
 def _table(cfg, reference_model, scorer: Scorer, dist: DistInfo, run_dir: Path, split: str,
@@ -150,6 +172,10 @@ def _table(cfg, reference_model, scorer: Scorer, dist: DistInfo, run_dir: Path, 
     identity = {"reference": OmegaConf.to_container(cfg.reference, resolve=True),
                 "model": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.trainer.seed,
                 "precision": cfg.trainer.precision, "layout": cfg.layout.name, "split": split, "weights": weights}
+    from ppo_train.losses.dpo import wants_shared_sums
+
+    if wants_shared_sums(cfg.loss):  # the table also holds per-pair shared-length sums
+        identity["shared_sums"] = True
     fp = fingerprint(scorer.units, identity)
     table = ReferenceTable.load(run_dir, fp, split) if cfg.reference.cache else None
     # one decision for all ranks: a rank that misses (a run directory that is not shared, a

@@ -25,7 +25,7 @@ from ppo_train.data.layout import Units
 from ppo_train.data.packing import MicroBatch, round_up
 from ppo_train.dist import SINGLE, DistInfo, reduce
 from ppo_train.errors import ModelLoadError
-from ppo_train.logps import ResponseLogps, fusable, sum_per_response, token_logps
+from ppo_train.logps import ResponseLogps, fusable, shared_sums, sum_per_response, token_logps
 from ppo_train.masks import build_mask, doc_spans, resolve_backend
 from ppo_train.precision import autocast
 
@@ -43,19 +43,24 @@ class PolicyModule(torch.nn.Module):
     """Wraps a causal LM: forward(batch tensors, mask) -> per-response log-prob sums and counts."""
 
     def __init__(self, model: torch.nn.Module, logits_chunk: int = 1024, dist: DistInfo = SINGLE,
-                 recompute: bool = True, autocast: torch.dtype | None = None):
+                 recompute: bool = True, autocast: torch.dtype | None = None, shared_sums: bool = False,
+                 wpo: bool = False):
         super().__init__()
         self.model = model
         self.logits_chunk = logits_chunk
         self.dist = dist
         self.recompute = recompute
         self.autocast = autocast  # bf16 mixed at ZeRO stage 0 (ppo_train/precision.py); None: the weights' dtype
+        self.shared_sums = shared_sums  # also each pair's shared-length sums (loss.ld_alpha)
+        self.wpo = wpo  # also each response's WPO sum (loss.wpo)
         self.image_params = image_params(model)
 
     def forward(self, input_ids, position_ids, attention_mask, pred_index, target_ids, target_response,
-                num_responses: int, spans=None, **image_inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """`spans`: masks.doc_spans of the batch (or None); `image_inputs`: a vision-language
-        model's image tensors (pixel_values, ...)."""
+                num_responses: int, spans=None, pairs=None, **image_inputs):
+        """-> (sums (R,), counts (R,), shared (P, 2) or None, wpo (R,) or None): see
+        logps.ResponseLogps. `spans`: masks.doc_spans of the batch (or None); `pairs`: the batch's
+        (P, 2) pairs (needed with shared_sums); `image_inputs`: a vision-language model's image
+        tensors (pixel_values, ...)."""
         body, head = decoder_and_head(self.model)
         with record_function("pptrain.forward"), autocast(input_ids.device.type, self.autocast):
             hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
@@ -74,11 +79,14 @@ class PolicyModule(torch.nn.Module):
             chunks = int(reduce(torch.tensor([own]), self.dist, "max").item())
         with record_function("pptrain.head"):
             lps = token_logps(hidden, pred_index, target_ids, head, self.logits_chunk, chunks, self.recompute,
-                              self.autocast)
+                              self.autocast, sq=self.wpo)
+        lps, squares = lps if self.wpo else (lps, None)
         out = sum_per_response(lps, target_response, num_responses)
-        if pred_index.numel() == 0:
-            return out.sums + lps.sum().double(), out.counts  # lps holds the 0-valued head term
-        return out.sums, out.counts
+        shared = shared_sums(lps, target_response, out.counts, pairs) if self.shared_sums else None
+        wpo = sum_per_response(lps.detach() - squares, target_response, num_responses).sums if self.wpo else None
+        if pred_index.numel() == 0:  # lps holds the 0-valued head term
+            return out.sums + lps.sum().double(), out.counts, shared, wpo
+        return out.sums, out.counts, shared, wpo
 
 
 def image_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -137,10 +145,10 @@ def forward_scores(module, batch: PackedBatch, mask) -> ResponseLogps:
     if isinstance(inner, RewardModule):
         sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.last_index, batch.num_responses,
                               spans=spans, **batch.image_inputs)
-    else:
-        sums, counts = module(batch.input_ids, batch.position_ids, mask, batch.pred_index, batch.target_ids,
-                              batch.target_response, batch.num_responses, spans=spans, **batch.image_inputs)
-    return ResponseLogps(sums, counts)
+        return ResponseLogps(sums, counts)
+    return ResponseLogps(*module(batch.input_ids, batch.position_ids, mask, batch.pred_index, batch.target_ids,
+                                 batch.target_response, batch.num_responses, spans=spans, pairs=batch.pairs,
+                                 **batch.image_inputs))
 
 
 def _check_attention(inner: torch.nn.Module, mask) -> None:

@@ -20,6 +20,7 @@ from ppo_train.dist import DistInfo, all_ranks, init_distributed
 from ppo_train.engine import Engine
 from ppo_train.errors import ConfigError, NonFiniteLoss
 from ppo_train.losses import LOSSES
+from ppo_train.losses.common import StepTotals
 from ppo_train.metrics import MetricsWriter, StepMetrics, rows_up_to, summary_table
 from ppo_train.flops import Utilization
 from ppo_train.model import build_policy, image_inputs, load_tokenizer, lora_writer
@@ -80,15 +81,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     # before the first update of every start: the training path against plain forwards (raises past tolerance)
     writer.add_to_next_row(self_check(cfg, engine, scorer, data.examples, next(schedule.steps(done), None), dist))
     for step in schedule.steps(done):
-        tracker = StepMetrics(utilization)
+        tracker, totals = StepMetrics(utilization), StepTotals.of_step(step)
         for mb in step.micro_batches:
             scored = scorer(engine, mb)
             ref = reference.scores(scored) if reference is not None else None
-            per_pair, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss)
-            trained = all_ranks(bool(torch.isfinite(per_pair.detach()).all()), dist)
+            terms, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss, totals=totals)
+            trained = all_ranks(bool(torch.isfinite(terms.detach()).all()), dist)
             if trained:
-                engine.backward(per_pair.sum() / max(step.pairs, 1))
-                tracker.add_pairs(per_pair, metrics)
+                engine.backward(terms.sum() / loss.normalizer(cfg.loss, totals))
+                tracker.add_pairs(terms, metrics, loss.batch_terms(cfg.loss, scored.batch))
             else:
                 skipped += _skip_nonfinite(t.on_nonfinite, step, data, engine, scorer)
             skipped += 0 if engine.step() else len(step.micro_batches)
@@ -180,17 +181,19 @@ def _skip_nonfinite(policy: str, step: Step, data: PreparedData, engine: Engine,
 
 @torch.no_grad()
 def evaluate(engine: Engine, scorer: Scorer, reference, cfg: DictConfig, dist: DistInfo) -> dict:
-    """Loss and metrics over the whole evaluation split, averaged over its pairs ("eval/..." keys)."""
+    """Loss and metrics over the whole evaluation split, averaged over its pairs (the loss over its
+    lists for a listwise loss; "eval/..." keys)."""
     engine.train(False)
     tracker = StepMetrics()
     schedule = Schedule(scorer.units, cfg.packing, cfg.trainer.micro_batch_size, cfg.trainer.seed,
                         dist.world_size, dist.rank)
+    loss = LOSSES[cfg.loss.name]
     for step in schedule.steps():
         for mb in step.micro_batches:
             scored = scorer(engine, mb)
             ref = reference.scores(scored) if reference is not None else None
-            per_pair, metrics = LOSSES[cfg.loss.name].fn(scored.scores, ref, scored.batch.pairs, cfg.loss)
-            tracker.add_pairs(per_pair, metrics)
+            terms, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss, totals=StepTotals.of_step(step))
+            tracker.add_pairs(terms, metrics, loss.batch_terms(cfg.loss, scored.batch))
             tracker.add_batch(scored.batch)
     engine.train(True)
     row = tracker.reduce(dist)

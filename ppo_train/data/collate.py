@@ -35,6 +35,8 @@ class PackedBatch:
     response_unit: torch.Tensor  # (R,) unit uid of each response
     response_k: torch.Tensor  # (R,) index of the response within its unit
     pairs: torch.Tensor  # (P, 2) preferred, dispreferred response indices
+    pair_unit: torch.Tensor  # (P,) unit uid of each pair
+    pair_k: torch.Tensor  # (P,) index of the pair within its unit
     real_tokens: int
     example_ids: list[int]  # uids of the units, for error messages
     visible_pairs: int = 0  # (query, key) pairs the mask lets attend among real tokens (FLOP counts)
@@ -132,6 +134,8 @@ def collate(all_units: Units, mb: MicroBatch | None, pad_id: int, empty_length: 
     resp_unit = [units[u].uid for u in members for _ in range(units[u].num_responses)]
     resp_k = [k for u in members for k in range(units[u].num_responses)]
     pairs = [units[u].pairs + base[u] for u in members]
+    pair_unit = [units[u].uid for u in members for _ in range(len(units[u].pairs))]
+    pair_k = [k for u in members for k in range(len(units[u].pairs))]
     if refs and images is None:
         raise ValueError("the micro-batch has images and no image processor was given")
     return PackedBatch(
@@ -141,6 +145,7 @@ def collate(all_units: Units, mb: MicroBatch | None, pad_id: int, empty_length: 
         last_index=torch.from_numpy(last),
         response_unit=torch.tensor(resp_unit, dtype=torch.long), response_k=torch.tensor(resp_k, dtype=torch.long),
         pairs=torch.from_numpy(np.concatenate(pairs)) if pairs else torch.zeros((0, 2), dtype=torch.long),
+        pair_unit=torch.tensor(pair_unit, dtype=torch.long), pair_k=torch.tensor(pair_k, dtype=torch.long),
         real_tokens=mb.real_tokens if mb is not None else 0,
         example_ids=[units[u].uid for u in members], visible_pairs=visible,
         image_inputs=images(refs) if refs else {}, images=len(refs), image_tokens=image_tokens,

@@ -30,6 +30,7 @@ class Rows(Protocol):
     response_offsets: np.ndarray  # (n + 1,)
     response_lengths: np.ndarray  # (sum of K,)
     pair_counts: np.ndarray  # (n,)
+    chosen_token_counts: np.ndarray  # (n,) tokens of the preferred response, summed over the example's pairs
     image_counts: np.ndarray  # (n,)
     image_token_counts: np.ndarray  # (n,)
 
@@ -61,6 +62,7 @@ class ListRows:
         self.response_offsets = _i64(np.cumsum([0] + [len(ex.response_ids) for ex in self.examples]))
         self.response_lengths = _i64([len(r) for ex in self.examples for r in ex.response_ids])
         self.pair_counts = _i64([len(ex.pairs) for ex in self.examples])
+        self.chosen_token_counts = _i64([sum(len(ex.response_ids[w]) for w, _ in ex.pairs) for ex in self.examples])
         self.image_counts = _i64([len(ex.images or ()) for ex in self.examples])
         self.image_token_counts = _i64([ex.image_tokens for ex in self.examples])
 
@@ -153,6 +155,12 @@ class Examples:
     @cached_property
     def num_pairs(self) -> np.ndarray:
         return self.rows.pair_counts[self.members]
+
+    @cached_property
+    def chosen_tokens(self) -> np.ndarray:
+        """Tokens of the preferred response summed over each example's pairs (a response preferred
+        in several pairs counts once per pair): the normalizer of `sft` in a DPO loss mix."""
+        return self.rows.chosen_token_counts[self.members]
 
     @cached_property
     def image_count(self) -> np.ndarray:

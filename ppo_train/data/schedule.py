@@ -25,6 +25,7 @@ class Step:
     micro_batches: list[MicroBatch | None]  # this rank's share, in order
     pairs: int  # pairs in the whole step (every micro-batch, every rank): the loss normalizer
     units: list[int]  # every unit of the step (all ranks), for error messages
+    chosen_tokens: int = 0  # the preferred responses' tokens over the step's pairs (sft in a DPO mix)
 
 
 class Schedule:
@@ -58,4 +59,5 @@ class Schedule:
             group = self._groups[epoch][within]
             members = [u for mb in group if mb is not None for u in mb.units]
             yield Step(index, epoch, group[self.rank::self.world_size],
-                       int(self.units.num_pairs[members].sum()), members)
+                       int(self.units.num_pairs[members].sum()), members,
+                       int(self.units.examples.chosen_tokens[members].sum()))

@@ -37,6 +37,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -362,6 +363,18 @@ class StoreRows:
 
     def __len__(self) -> int:
         return int(self.kept.shape[0])
+
+    @cached_property
+    def chosen_token_counts(self) -> np.ndarray:
+        """(n,) the preferred response's tokens summed over each kept row's pairs, from the pair
+        and length columns (no row is read)."""
+        per_row = self._lengths.lengths()
+        first = np.concatenate(([0], np.cumsum(per_row)))[:-1]  # each row's first response, flat
+        pairs = self._pairs.flat()
+        row_of_pair = np.repeat(np.arange(per_row.shape[0]), self._pairs.lengths() // 2)
+        tokens = self._lengths.flat()[first[row_of_pair] + pairs[0::2]]
+        counts = np.bincount(row_of_pair, weights=tokens, minlength=per_row.shape[0])
+        return counts.astype(np.int64)[self.kept]
 
     def get(self, i: int) -> TokenizedExample:
         r = int(self.kept[i])

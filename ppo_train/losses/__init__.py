@@ -1,9 +1,10 @@
-"""Loss functions: loss(policy, reference, pairs, params) -> (per-pair loss (P,), metrics).
+"""Loss functions: loss(policy, reference, pairs, params, totals) -> (loss terms, per-pair metrics).
 
 Pure functions of per-response log-probs (or, for `reward`, per-response scores carried in
 `ResponseLogps.sums`); no model, no state. Each loss file holds its function and the schema of
-its parameters (the `loss=NAME` config option). The trainer sums the per-pair losses and
-divides by the global step's pair count (see train.py).
+its parameters (the `loss=NAME` config option). The trainer sums the loss terms and divides by
+the whole step's pair count, or its list count for a listwise loss (`Loss.per_list`; see
+train.py); `totals` (common.StepTotals) carries those counts for terms normalized otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ppo_train.losses.dpo import DpoConfig, dpo_loss
+from ppo_train.losses.dpo import DpoConfig, dpo_loss, per_list
 from ppo_train.losses.orpo import OrpoConfig, orpo_loss
 from ppo_train.losses.reward import RewardConfig, reward_loss
 from ppo_train.losses.sft import SftConfig, sft_loss
@@ -24,10 +25,19 @@ class Loss:
     schema: type  # the dataclass of its parameters, registered as the `loss=<name>` option
     needs_reference: bool = False  # compares against reference log-probs (a table or a live model)
     reward_head: bool = False  # trains a one-label sequence classifier instead of a causal LM
+    per_list: Callable = lambda cfg: False  # (params) -> one term per list (normalized by lists), not per pair
+
+    def normalizer(self, cfg, totals) -> int:
+        """What the step's summed loss terms are divided by: its lists or its pairs."""
+        return max(totals.lists if self.per_list(cfg) else totals.pairs, 1)
+
+    def batch_terms(self, cfg, batch) -> int:
+        """How many of those units one micro-batch holds (the logged loss is their mean)."""
+        return len(batch.example_ids) if self.per_list(cfg) else batch.num_pairs
 
 
 LOSSES: dict[str, Loss] = {
-    "dpo": Loss(dpo_loss, DpoConfig, needs_reference=True),
+    "dpo": Loss(dpo_loss, DpoConfig, needs_reference=True, per_list=per_list),
     "simpo": Loss(simpo_loss, SimpoConfig),
     "orpo": Loss(orpo_loss, OrpoConfig),
     "reward": Loss(reward_loss, RewardConfig, reward_head=True),

@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ppo_train.logps import ResponseLogps
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """Counts over the whole optimizer step (every micro-batch, every rank), known before its
+    first forward: a term normalized by one of them gives the same gradient however the step is
+    cut into micro-batches and ranks."""
+
+    pairs: int
+    lists: int  # units (prompts with their responses) of the step
+    chosen_tokens: int  # tokens of the preferred response, summed over the step's pairs
+
+    @classmethod
+    def of_step(cls, step) -> "StepTotals":
+        """The counts of a data.schedule.Step."""
+        return cls(step.pairs, len(step.units), step.chosen_tokens)
+
+    @classmethod
+    def of_batch(cls, policy: ResponseLogps, pairs: torch.Tensor, lists: int | None = None) -> "StepTotals":
+        """The counts of one micro-batch taken as the whole step (no schedule: scripts, tests)."""
+        tokens = int(policy.counts[pairs[:, 0]].sum()) if pairs.numel() else 0
+        return cls(int(pairs.shape[0]), int(lists if lists is not None else pairs.shape[0]), tokens)
 
 
 def beta_and_smoothing_problems(beta: float, label_smoothing: float) -> list[str]:

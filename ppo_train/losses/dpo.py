@@ -30,11 +30,41 @@ log-ratio. As in TRL, an f-divergence applies to the terms that use the score di
 (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop); with any other term it is
 refused at config time.
 
-`loss.variant` may be a list (`[sigmoid, hinge]`): the per-pair loss is the sum of the terms
-times `loss.weights` (1 each when unset), as TRL's list of loss types with `loss_weights`. Not
-yet supported: `aot` and `aot_unpaired` (they sort over the whole step's pairs), `sft` in a mix
-(a token mean over the step's chosen responses), `ld_alpha` and WPO weighting: refused at
-config time, naming the key.
+`loss.variant` may be a list (`[sigmoid, sft]` is RPO): the per-pair loss is the sum of the
+terms times `loss.weights` (1 each when unset), as TRL's list of loss types with `loss_weights`.
+`sft` in a mix is the negative log-likelihood of the preferred responses as a mean over the
+step's preferred tokens: each pair contributes -log pi(y_w) times pairs / preferred tokens of
+the whole step (StepTotals), so the summed loss divided by the step's pairs is the token mean
+however the step is cut into micro-batches and ranks (TRL takes the mean over its batch: the
+same with one micro-batch per step). A response preferred in several pairs (K > 2 lists) counts
+once per pair.
+
+`loss.ld_alpha` (LD-DPO, Liu et al. 2024, "Length Desensitization in Direct Preference
+Optimization"; TRL's `ld_alpha`): in each pair, each response's log-prob (policy and reference)
+is the sum over its first m = min(n_w, n_l) tokens plus alpha times the sum over the rest. With
+K responses the partner, and so m, differs per pair: the policy computes these prefix sums from
+its token log-probs, the cached reference table stores them per pair (two numbers per pair,
+ReferenceTable.shared), a live reference computes them like the policy. null: plain sums.
+
+`loss.wpo` (WPO, Zhou et al. 2024, "Weighted Preference Optimization", eq. 2; TRL's
+`use_weighting`): every pair's loss is multiplied by w(y_w) w(y_l), detached, with
+w(y) = exp(mean over y's tokens of log p(y_t) - log sum_v p(v)^2) under the policy; the fused
+output head computes each token's sum of squared probabilities in its softmax pass (no
+(tokens, vocab) tensor is kept). Refused with `sft` in the mix (TRL scales the batch's sft mean
+by the batch's mean weight, which the step's first micro-batch cannot know).
+
+`loss.variant=plackett_luce` (Rafailov et al. 2023, Appendix A.3; not a TRL name): one loss per
+list of responses, L = -sum_k log(exp(beta r_k) / sum_{j >= k} exp(beta r_j)) over the list in
+preference order, r the summed log-ratio. It is computed from the pairs: each response's
+denominator holds itself and every response it is preferred to, which for a strictly ordered
+list (all ordered pairs) is exactly the formula above. Ties follow the pair builder: tied
+responses are not paired, so neither enters the other's denominator, and a response preferred
+to none (the last, or a group tied at the bottom) adds no term. The loss is normalized by the
+step's list count (not its pairs); the metrics are per pair as for the other variants. With
+K = 2 it equals sigmoid. It takes no f-divergence, ld_alpha, WPO or mix.
+
+Not supported yet: `aot` and `aot_unpaired` (they sort over the whole step's pairs): refused
+at config time, naming the key.
 
 Implicit rewards (the metrics): beta * (log pi - log ref) per response, as per-token means when
 every term is length-normalized (ipo, sigmoid_norm), else as sums.
@@ -51,18 +81,19 @@ import torch.nn.functional as F
 
 from ppo_train.choices import Choice
 from ppo_train.logps import ResponseLogps
-from ppo_train.losses.common import beta_and_smoothing_problems, pair_metrics
+from ppo_train.losses.common import StepTotals, beta_and_smoothing_problems, pair_metrics
 
 # TRL 1.16's DPOConfig.loss_type names; the ones pptrain does not compute yet, and why
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LISTWISE = ("plackett_luce",)  # one loss per list of responses, not per pair
+VARIANTS = TRL_LOSS_TYPES + LISTWISE
 NOT_YET = {"aot": "it sorts the log-ratios over the whole optimizer step, across micro-batches and ranks",
-           "aot_unpaired": "it sorts the log-ratios over the whole optimizer step, across micro-batches and ranks",
-           "sft": "in a mix it is a token mean over the step's chosen responses; use loss=sft on its own"}
+           "aot_unpaired": "it sorts the log-ratios over the whole optimizer step, across micro-batches and ranks"}
 LENGTH_NORMALIZED = ("ipo", "sigmoid_norm")
 # the terms an f-divergence changes (TRL refuses the others: the f-DPO reparameterization only
-# cancels in the chosen - rejected score difference)
-F_DIVERGENCE_TERMS = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop")
+# cancels in the chosen - rejected score difference); sft does not read the scores
+F_DIVERGENCE_TERMS = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
 
 
 class FDivergence(Choice):
@@ -78,21 +109,23 @@ class DpoConfig:
 
     name: str = "dpo"
     beta: float = 0.1
-    # a TRL loss_type name, or a list of them combined with `weights`
+    # a TRL loss_type name (or plackett_luce), or a list of TRL names combined with `weights`
     variant: Any = "sigmoid"
     weights: Optional[List[float]] = None  # one per variant; null: 1 each
     label_smoothing: float = 0.0  # robust: the assumed rate of flipped labels; exo_pair: its epsilon (> 0)
     f_divergence: FDivergence = FDivergence.reverse_kl
     f_alpha: float = 0.5  # alpha of f_divergence=alpha_divergence
     discopop_tau: float = 0.05  # the temperature of discopop's mixing
+    ld_alpha: Optional[float] = None  # LD-DPO: the weight of the tokens past the shorter response's length
+    wpo: bool = False  # WPO: weight each pair by its responses' length-normalized probabilities
 
     def problems(self) -> list[str]:
         names = variant_names(self.variant)
         out = beta_and_smoothing_problems(self.beta, self.label_smoothing)
-        unknown = [n for n in names if n not in TRL_LOSS_TYPES]
+        unknown = [n for n in names if n not in VARIANTS]
         if unknown or not names:
-            out.append(f"loss.variant={self.variant}: expected one of {list(TRL_LOSS_TYPES)} (TRL's loss_type "
-                       "names) or a list of them")
+            out.append(f"loss.variant={self.variant}: expected one of {list(VARIANTS)} (TRL's loss_type names, "
+                       "or plackett_luce) or a list of TRL names")
         for name in names:
             if name in NOT_YET:
                 out.append(f"loss.variant={name}: not supported yet: {NOT_YET[name]}")
@@ -115,6 +148,18 @@ class DpoConfig:
                        f"an f-divergence applies to {list(F_DIVERGENCE_TERMS)} only (as in TRL)")
         if self.discopop_tau <= 0:
             out.append(f"loss.discopop_tau={self.discopop_tau}: expected > 0")
+        if self.ld_alpha is not None and not 0.0 <= float(self.ld_alpha) <= 1.0:
+            out.append(f"loss.ld_alpha={self.ld_alpha}: expected null or 0 <= value <= 1 (1: plain sums)")
+        if self.wpo and "sft" in names:
+            out.append("loss.wpo=true with sft in loss.variant: TRL scales the batch's sft mean by the batch's mean "
+                       "pair weight, which the step's first micro-batch cannot know; drop one of them")
+        if "plackett_luce" in names:
+            extra = [k for k, on in (("a mix (list of variants)", len(names) > 1),
+                                     ("loss.ld_alpha", self.ld_alpha is not None), ("loss.wpo", self.wpo),
+                                     ("loss.f_divergence", str(self.f_divergence) != "reverse_kl")) if on]
+            if extra:
+                out.append(f"loss.variant=plackett_luce: one loss per list, normalized by the lists; it takes no "
+                           f"{', '.join(extra)}")
         return out
 
 
@@ -123,6 +168,16 @@ def variant_names(variant) -> list[str]:
     if isinstance(variant, str) or not hasattr(variant, "__iter__"):
         return [str(variant)]
     return [str(v) for v in variant]
+
+
+def per_list(cfg) -> bool:
+    """Whether the loss has one term per list (normalized by the step's lists), not per pair."""
+    return variant_names(getattr(cfg, "variant", "sigmoid")) == ["plackett_luce"]
+
+
+def wants_shared_sums(cfg) -> bool:
+    """ld_alpha needs each pair member's log-prob sum over the pair's shared length."""
+    return getattr(cfg, "ld_alpha", None) is not None
 
 
 def f_scores(logratio: torch.Tensor, cfg) -> torch.Tensor:
@@ -142,7 +197,35 @@ def f_scores(logratio: torch.Tensor, cfg) -> torch.Tensor:
     raise ValueError(f"loss.f_divergence={kind!r}: expected one of {[m.value for m in FDivergence]}")
 
 
-def _term(name: str, beta: float, c, r, sc, sr, nw, nl, cfg) -> torch.Tensor:
+def pair_logps(logps: ResponseLogps, pairs: torch.Tensor, ld_alpha: float | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (preferred, dispreferred) log-probs of each pair: plain sums, or under LD-DPO the sum
+    over the pair's shared length plus ld_alpha times the rest."""
+    w, l = pairs[:, 0], pairs[:, 1]
+    if ld_alpha is None:
+        return logps.sums[w], logps.sums[l]
+    if logps.shared is None:
+        raise ValueError("loss.ld_alpha needs each pair's shared-length sums; these scores were computed without "
+                         "them (PolicyModule(shared_sums=True))")
+    full = torch.stack([logps.sums[w], logps.sums[l]], dim=1)
+    mixed = logps.shared + float(ld_alpha) * (full - logps.shared)
+    return mixed[:, 0], mixed[:, 1]
+
+
+def plackett_luce(logratio: torch.Tensor, pairs: torch.Tensor, beta: float) -> torch.Tensor:
+    """-log(exp(s_i) / (exp(s_i) + sum over j that i is preferred to of exp(s_j))) for every
+    response i preferred to at least one other, s = beta * log-ratio: the Plackett-Luce terms of
+    every list (their sum over a list is its loss). (W,) for the W distinct preferred responses."""
+    s = beta * logratio
+    w, l = pairs[:, 0], pairs[:, 1]
+    winners = torch.unique(w)
+    top = s.detach().clone().scatter_reduce(0, w, s.detach()[l], "amax")  # a stable shift per winner
+    rest = torch.zeros_like(s).index_add(0, w, torch.exp(s[l] - top[w]))
+    sw, tw = s[winners], top[winners]
+    return -(sw - tw - torch.log(torch.exp(sw - tw) + rest[winners]))
+
+
+def _term(name: str, beta: float, c, r, sc, sr, nw, nl, cfg, sft) -> torch.Tensor:
     d = sc - sr
     eps = float(getattr(cfg, "label_smoothing", 0.0))
     if name == "sigmoid":
@@ -172,23 +255,49 @@ def _term(name: str, beta: float, c, r, sc, sr, nw, nl, cfg) -> torch.Tensor:
         return -F.logsigmoid(logits) * (1 - mix) + torch.exp(-logits) * mix
     if name == "sigmoid_norm":
         return -F.logsigmoid(beta * (sc / nw - sr / nl))
-    raise ValueError(f"loss.variant={name!r}: not computed by pptrain (expected one of {list(TRL_LOSS_TYPES)})")
+    if name == "sft":
+        return sft()
+    raise ValueError(f"loss.variant={name!r}: not computed by pptrain (expected one of {list(VARIANTS)})")
 
 
-def dpo_loss(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tensor, cfg: DpoConfig
-             ) -> tuple[torch.Tensor, dict]:
-    """pairs (P, 2) -> per-pair loss (P,) (the weighted sum of the variant's terms) and per-pair
-    metric tensors (P,)."""
+def wpo_weights(policy: ResponseLogps, pairs: torch.Tensor) -> torch.Tensor:
+    """WPO's per-pair weight w(y_w) w(y_l), detached (see the module docstring)."""
+    if policy.wpo is None:
+        raise ValueError("loss.wpo needs each response's WPO sum; these scores were computed without it "
+                         "(PolicyModule(wpo=True))")
+    per_response = torch.exp(policy.wpo.detach() / policy.counts.clamp(min=1))
+    return per_response[pairs[:, 0]] * per_response[pairs[:, 1]]
+
+
+def dpo_loss(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tensor, cfg: DpoConfig,
+             totals: StepTotals | None = None) -> tuple[torch.Tensor, dict]:
+    """pairs (P, 2) -> the loss terms ((P,), one per pair: the weighted sum of the variant's terms;
+    plackett_luce: one per preferred response, summing to the lists' losses) and per-pair metric
+    tensors (P,). `totals`: the whole step's counts (sft in a mix); None: this batch's."""
     w, l = pairs[:, 0], pairs[:, 1]
     names = variant_names(cfg.variant)
     weights = list(getattr(cfg, "weights", None) or []) or [1.0] * len(names)
-    c = policy.sums[w] - reference.sums[w]
-    r = policy.sums[l] - reference.sums[l]
+    ld_alpha = getattr(cfg, "ld_alpha", None)
+    pol_w, pol_l = pair_logps(policy, pairs, ld_alpha)
+    ref_w, ref_l = pair_logps(reference, pairs, ld_alpha)
+    c, r = pol_w - ref_w, pol_l - ref_l
+    beta = float(cfg.beta)
+    if names == ["plackett_luce"]:
+        loss = plackett_luce(policy.sums - reference.sums, pairs, beta)
+        return loss, pair_metrics(beta * c.detach(), beta * r.detach(), policy, w, l)
     sc, sr = f_scores(c, cfg), f_scores(r, cfg)
     nw, nl = policy.counts[w].clamp(min=1), policy.counts[l].clamp(min=1)
-    beta = float(cfg.beta)
-    loss = sum(float(weight) * _term(name, beta, c, r, sc, sr, nw, nl, cfg) for name, weight in zip(names, weights))
-    if all(name in LENGTH_NORMALIZED for name in names):
+
+    def sft() -> torch.Tensor:  # -log pi(y_w) * pairs / preferred tokens of the step
+        t = totals if totals is not None else StepTotals.of_batch(policy, pairs)
+        return -policy.sums[w] * (t.pairs / max(t.chosen_tokens, 1))
+
+    loss = sum(float(weight) * _term(name, beta, c, r, sc, sr, nw, nl, cfg, sft)
+               for name, weight in zip(names, weights))
+    if getattr(cfg, "wpo", False):
+        loss = loss * wpo_weights(policy, pairs)
+    scored = [n for n in names if n != "sft"]
+    if scored and all(name in LENGTH_NORMALIZED for name in scored):
         chosen, rejected = beta * c.detach() / nw, beta * r.detach() / nl
     else:
         chosen, rejected = beta * c.detach(), beta * r.detach()

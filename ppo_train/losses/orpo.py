@@ -60,7 +60,7 @@ def log1mexp(m: torch.Tensor) -> torch.Tensor:
 
 
 def orpo_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: torch.Tensor,
-              cfg: OrpoConfig) -> tuple[torch.Tensor, dict]:
+              cfg: OrpoConfig, totals=None) -> tuple[torch.Tensor, dict]:
     """pairs (P, 2) -> per-pair loss (P,) and per-pair metric tensors (P,). reference is unused."""
     del reference  # reference-free by construction; the trainer may pass None
     w, l = pairs[:, 0], pairs[:, 1]

@@ -41,7 +41,7 @@ class RewardConfig:
 
 
 def reward_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: torch.Tensor,
-                cfg: RewardConfig) -> tuple[torch.Tensor, dict]:
+                cfg: RewardConfig, totals=None) -> tuple[torch.Tensor, dict]:
     """pairs (P, 2) -> per-pair loss (P,) and per-pair metric tensors (P,). reference is unused."""
     del reference  # a reward model has no reference; the trainer may pass None
     w, l = pairs[:, 0], pairs[:, 1]

@@ -35,7 +35,7 @@ class SftConfig:
 
 
 def sft_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: torch.Tensor,
-             cfg: SftConfig) -> tuple[torch.Tensor, dict]:
+             cfg: SftConfig, totals=None) -> tuple[torch.Tensor, dict]:
     """pairs (P, 2) -> per-pair loss (P,) and per-pair metric tensors (P,). Only pairs[:, 0] is used."""
     del reference, cfg  # SFT needs neither a reference model nor hyperparameters
     w = pairs[:, 0]

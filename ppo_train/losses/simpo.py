@@ -43,7 +43,7 @@ class SimpoConfig:
 
 
 def simpo_loss(policy: ResponseLogps, reference: ResponseLogps | None, pairs: torch.Tensor,
-               cfg: SimpoConfig) -> tuple[torch.Tensor, dict]:
+               cfg: SimpoConfig, totals=None) -> tuple[torch.Tensor, dict]:
     """pairs (P, 2) -> per-pair loss (P,) and per-pair metric tensors (P,). reference is unused."""
     del reference  # reference-free by construction; the trainer may pass None
     w, l = pairs[:, 0], pairs[:, 1]

@@ -17,6 +17,7 @@ from ppo_train.data.layout import build_units
 from ppo_train.data.packing import plan_epoch
 from ppo_train.logps import ResponseLogps
 from ppo_train.losses import LOSSES
+from ppo_train.losses.common import StepTotals
 from ppo_train.masks import build_mask
 from ppo_train.scoring import PolicyModule, RewardModule
 from ppo_train.scoring import forward_scores as batch_logps
@@ -45,18 +46,24 @@ def run(loss: str, examples, setup: str, loss_cfg=LOSS_CFG):
     layout, packing = PACK[setup]
     units = build_units(examples, layout)
     model = tiny_reward_model() if loss == "reward" else tiny_model("llama")
-    module = RewardModule(model) if loss == "reward" else PolicyModule(model, logits_chunk=16)
-    total_pairs = sum(len(u.pairs) for u in units)
+    module = RewardModule(model) if loss == "reward" else PolicyModule(
+        model, logits_chunk=16, shared_sums=loss_cfg.get("ld_alpha") is not None, wpo=bool(loss_cfg.get("wpo")))
+    # the whole epoch is one step: its counts normalize, cut into micro-batches however the packer cuts it
+    totals = StepTotals(sum(len(u.pairs) for u in units), len(units),
+                        sum(int(u.resp_len[w]) for u in units for w, _ in u.pairs))
+    norm = LOSSES[loss].normalizer(loss_cfg, totals)
     scores, total = {}, 0.0
     for mb in plan_epoch(units, packing, 2, seed=5, epoch=0):
         batch = collate(units, mb, pad_id=96)
         out = batch_logps(module, batch, build_mask(batch.doc_ids, batch.segment_ids, "sdpa"))
-        # a fixed reference that differs per response, so DPO is not at its ln 2 start
-        ref = ResponseLogps(-(batch.response_unit.double() * 7 % 5) - batch.response_k.double() * 2.0, out.counts) \
+        # a fixed reference that differs per response (and per pair: LD-DPO's shared-length
+        # sums), so DPO is not at its ln 2 start
+        ref = ResponseLogps(-(batch.response_unit.double() * 7 % 5) - batch.response_k.double() * 2.0, out.counts,
+                            -(batch.pair_unit.double()[:, None] * 3 % 4) - torch.tensor([0.5, 1.5]) * batch.pair_k[:, None]) \
             if LOSSES[loss].needs_reference else None
-        per_pair, _ = LOSSES[loss].fn(out, ref, batch.pairs, loss_cfg)
-        (per_pair.sum() / total_pairs).backward()
-        total += float(per_pair.sum().detach()) / total_pairs
+        terms, _ = LOSSES[loss].fn(out, ref, batch.pairs, loss_cfg, totals=totals)
+        (terms.sum() / norm).backward()
+        total += float(terms.sum().detach()) / norm
         for u, k, s in zip(batch.response_unit.tolist(), batch.response_k.tolist(), out.sums.tolist()):
             scores[(u, k)] = s
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -71,15 +78,22 @@ DPO_VARIANTS = {
     "sppo_hard+bco_pair": {"variant": ["sppo_hard", "bco_pair"]},
     "discopop/js": {"variant": "discopop", "f_divergence": "js_divergence"},
     "ipo/alpha": {"variant": "ipo", "f_divergence": "alpha_divergence", "f_alpha": 1.5},
+    "sigmoid+sft": {"variant": ["sigmoid", "sft"], "weights": [1.0, 0.7]},  # RPO: sft over the step's tokens
+    "ld_alpha": {"variant": "sigmoid", "ld_alpha": 0.3},
+    "ld_alpha+sigmoid_norm": {"variant": "sigmoid_norm", "ld_alpha": 0.6, "beta": 2.0},
+    "wpo": {"variant": ["sigmoid", "hinge"], "wpo": True},
+    "plackett_luce": {"variant": "plackett_luce", "beta": 0.5},
 }
 
 
 @pytest.mark.parametrize("loss, variant, k", [(loss, None, k) for loss in ["dpo", "simpo", "orpo", "sft", "reward"]
-                                              for k in (2, 3, 4)] + [("dpo", v, 3) for v in DPO_VARIANTS])
+                                              for k in (2, 3, 4)] + [("dpo", v, 3) for v in DPO_VARIANTS]
+                         + [("dpo", "plackett_luce", 4), ("dpo", "ld_alpha", 4)])
 def test_every_loss_shared_packed_equals_paired(loss, variant, k):
     """Every loss at K = 2, 3, 4; each TRL-named dpo variant (and mix, and f-divergence) at K = 3."""
     loss_cfg = LOSS_CFG if variant is None else OmegaConf.merge(
-        LOSS_CFG, {"weights": None, "f_divergence": "reverse_kl", "f_alpha": 0.5, "discopop_tau": 0.05},
+        LOSS_CFG, {"weights": None, "f_divergence": "reverse_kl", "f_alpha": 0.5, "discopop_tau": 0.05,
+                   "ld_alpha": None, "wpo": False},
         DPO_VARIANTS[variant])
     examples = random_examples(7, k, seed=40 + k)
     base_loss, base_scores, base_grads = run(loss, examples, "paired-none", loss_cfg)

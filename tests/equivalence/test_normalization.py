@@ -25,7 +25,11 @@ COMMON = ["trainer.precision=fp32", f"dataset.num_rows={N}", "trainer.max_steps=
           "logging.progress=false", "run_name=norm", "dataset.max_prompt_length=96",
           "dataset.max_response_length=48", "packing.row_tokens=256"]
 LOSS_DATA = {"dpo": [], "simpo": ["loss=simpo"], "orpo": ["loss=orpo"], "sft": ["loss=sft"],
-             "reward": ["loss=reward", "dataset=pandalm", "dataset.format=pandalm"]}
+             "reward": ["loss=reward", "dataset=pandalm", "dataset.format=pandalm"],
+             # sft in a mix: a token mean over the whole step's preferred responses (StepTotals);
+             # LD-DPO: per-pair shared-length sums, the reference's from the cached table
+             "dpo_rpo": ["loss.variant=[sigmoid,sft]", "loss.weights=[1.0,0.5]"],
+             "dpo_ld_alpha": ["loss.ld_alpha=0.3"]}
 
 
 def ffd_rows(overrides) -> int:

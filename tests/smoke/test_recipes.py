@@ -199,3 +199,14 @@ def test_hydra_sweep_runs_each_point_in_its_own_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     points = sorted(p.parent.name for p in (tmp_path / "multirun" / "tiny_dpo").glob("*/stats.json"))
     assert len(points) == 2 and points[0].endswith("packing=ffd") and points[1].endswith("packing=none"), points
+
+
+def test_rpo_mix_on_the_default_recipe_trains(tmp_path):
+    """README's `pptrain loss.variant=[sigmoid,sft]` (RPO on tiny_dpo): two steps on the CPU; at
+    the reference the sigmoid term is ln 2, so the logged loss is ln 2 + weight x the token-mean
+    NLL of the step's preferred responses (positive, the random model's: about ln(vocab))."""
+    rows = run_pptrain(tmp_path / "run", "loss.variant=[sigmoid,sft]", "loss.weights=[1.0,0.5]", "trainer.max_steps=2",
+                       "dataset.num_rows=40")
+    assert [r["step"] for r in rows] == [1, 2]
+    nll = rows[0]["loss"] - 0.6931471805599453
+    assert 0.5 * 9.0 < nll < 0.5 * 12.0, rows[0]  # ln(49152) = 10.8 for a random-weight model

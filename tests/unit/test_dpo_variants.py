@@ -44,7 +44,10 @@ def f_prime(t: float, kind: str, alpha: float) -> float:
 
 
 def hand(name: str, beta: float, c: float, r: float, nw: float, nl: float, kind: str = "reverse_kl",
-         alpha: float = 0.5, eps: float = 0.0, tau: float = 0.05) -> float:
+         alpha: float = 0.5, eps: float = 0.0, tau: float = 0.05, sft: float = 0.0) -> float:
+    """One pair's term; `sft`: that pair's share of the sft term (the caller knows the step)."""
+    if name == "sft":
+        return sft
     sc, sr = f_prime(c, kind, alpha), f_prime(r, kind, alpha)
     d = sc - sr
     if name == "sigmoid":
@@ -99,10 +102,12 @@ def test_every_trl_name_equals_the_hand_reference(name, kind):
     for beta in (0.1, 2.0):
         pol, ref, pairs = batch(seed=len(name))
         got, metrics = dpo_loss(pol, ref, pairs, cfg(name, beta, label_smoothing=eps, f_divergence=kind, f_alpha=0.3))
+        chosen_tokens = sum(float(pol.counts[w]) for w, _ in pairs.tolist())
         for i, (w, l) in enumerate(pairs.tolist()):
             c = float(pol.sums[w].detach() - ref.sums[w])
             r = float(pol.sums[l].detach() - ref.sums[l])
-            want = hand(name, beta, c, r, float(pol.counts[w]), float(pol.counts[l]), kind, 0.3, eps)
+            sft = -float(pol.sums[w].detach()) * len(pairs) / chosen_tokens  # sum / pairs = token mean
+            want = hand(name, beta, c, r, float(pol.counts[w]), float(pol.counts[l]), kind, 0.3, eps, sft=sft)
             value = float(got[i].detach())
             assert abs(value - want) <= 1e-9 * max(1.0, abs(want)), (name, kind, beta, i, value, want)
             norm = name in ("ipo", "sigmoid_norm")
@@ -151,7 +156,11 @@ def test_the_four_original_variants_are_unchanged():
 @pytest.mark.parametrize("overrides, needle", [
     (["loss.variant=sigmoidd"], "loss.variant=sigmoidd: expected one of"),
     (["loss.variant=aot"], "loss.variant=aot: not supported yet"),
-    (["loss.variant=[sigmoid,sft]"], "loss.variant=sft: not supported yet"),
+    (["loss.variant=[sigmoid,sft]", "loss.wpo=true"], "loss.wpo=true with sft in loss.variant"),
+    (["loss.ld_alpha=1.5"], "loss.ld_alpha=1.5: expected null or 0 <= value <= 1"),
+    (["loss.variant=[plackett_luce,sigmoid]"], "loss.variant=plackett_luce: one loss per list"),
+    (["loss.variant=plackett_luce", "loss.ld_alpha=0.5"], "it takes no loss.ld_alpha"),
+    (["loss.variant=plackett_luce", "loss.f_divergence=js_divergence"], "it takes no loss.f_divergence"),
     (["loss.variant=[sigmoid,hinge]", "loss.weights=[1.0]"], "loss.weights=[1.0]: expected one weight per"),
     (["loss.variant=[sigmoid,sigmoid]"], "a name appears twice"),
     (["loss.variant=exo_pair"], "loss.label_smoothing=0 with loss.variant=exo_pair"),
@@ -181,17 +190,29 @@ def test_trl_names_and_lists_compose_from_the_command_line():
 
 # --- against TRL's own DPOTrainer (slow: needs the trl extra) ---
 
-TRL_CASES = [(n, "reverse_kl") for n in SUPPORTED] + [(n, k) for n in ("sigmoid", "ipo", "exo_pair", "discopop")
-                                                      for k in DIVERGENCES[1:]] + [(("sigmoid", "apo_zero"), "reverse_kl")]
+TRL_CASES = ([(n, "reverse_kl", {}) for n in SUPPORTED]
+             + [(n, k, {}) for n in ("sigmoid", "ipo", "exo_pair", "discopop") for k in DIVERGENCES[1:]]
+             + [(("sigmoid", "apo_zero"), "reverse_kl", {}), (("sigmoid", "sft"), "reverse_kl", {}),
+                (("sigmoid", "sft"), "forward_kl", {}),
+                ("sigmoid", "reverse_kl", {"ld_alpha": 0.4}), ("ipo", "reverse_kl", {"ld_alpha": 0.0}),
+                ("sigmoid", "reverse_kl", {"wpo": True}), (("hinge", "bco_pair"), "reverse_kl", {"wpo": True}),
+                ("sigmoid_norm", "reverse_kl", {"wpo": True, "ld_alpha": 0.7})])
+
+
+def _case_id(v):
+    if isinstance(v, dict):
+        return "-".join(f"{k}={x}" for k, x in v.items()) or "plain"
+    return v if isinstance(v, str) else "+".join(v)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("names, kind", TRL_CASES, ids=lambda v: v if isinstance(v, str) else "+".join(v))
-def test_dpo_variants_equal_trl_dpotrainers_loss(names, kind, tmp_path):
+@pytest.mark.parametrize("names, kind, extra", TRL_CASES, ids=_case_id)
+def test_dpo_variants_equal_trl_dpotrainers_loss(names, kind, extra, tmp_path):
     """TRL 1.16's DPOTrainer computes its loss on one batch of 4 pairs (its own tokenization,
     collation and forwards, a reference model with other weights); pptrain's dpo_loss on the
-    summed log-probs of the same sequences (separate plain forwards of the same two models) gives
-    the same mean loss."""
+    log-probs of the same sequences (separate plain float64 forwards of the same two models: sums,
+    LD-DPO's shared-length sums, WPO's sums) gives the same mean loss. One micro-batch is the
+    step, as TRL's batch is."""
     pytest.importorskip("trl")
     import datasets
     from trl import DPOConfig, DPOTrainer
@@ -211,29 +232,166 @@ def test_dpo_variants_equal_trl_dpotrainers_loss(names, kind, tmp_path):
     eps = 0.05 if {"robust", "exo_pair"} & set(names) else 0.0
     args = DPOConfig(output_dir=str(tmp_path), loss_type=names, beta=0.5, label_smoothing=eps,
                      f_divergence_type=kind, f_alpha_divergence_coef=0.7, discopop_tau=0.1, report_to="none",
-                     use_cpu=True, bf16=False, per_device_train_batch_size=4, max_length=None, seed=0)
+                     use_cpu=True, bf16=False, per_device_train_batch_size=4, max_length=None, seed=0,
+                     ld_alpha=extra.get("ld_alpha"), use_weighting=bool(extra.get("wpo")))
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tok)
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         trl_loss = float(trainer.compute_loss(trainer.model, batch))
 
-        def sums(m):
-            out, counts = [], []
+        n = len(rows)
+        pairs = torch.tensor([[i, n + i] for i in range(n)])  # TRL's batch is [chosen..., rejected...]
+
+        def scores(m):
+            """Per sequence: completion token log-probs and log sum_v p(v)^2, in float64."""
+            tokens, squares = [], []
             for ids, attn, comp in zip(batch["input_ids"], batch["attention_mask"], batch["completion_mask"]):
                 keep = attn.bool()
                 ids, comp = ids[keep], comp[keep]
                 logps = m(input_ids=ids[None]).logits[0, :-1].double().log_softmax(-1)
-                token = logps.gather(-1, ids[1:, None]).squeeze(-1)
-                out.append(float((token * comp[1:]).sum()))
-                counts.append(float(comp.sum()))
-            return torch.tensor(out, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
+                at = comp[1:].bool()
+                tokens.append(logps.gather(-1, ids[1:, None]).squeeze(-1)[at])
+                squares.append(torch.logsumexp(2 * logps, -1)[at])
+            sums = torch.stack([t.sum() for t in tokens])
+            counts = torch.tensor([float(len(t)) for t in tokens], dtype=torch.float64)
+            shared = torch.tensor([[float(tokens[i][:min(len(tokens[w]), len(tokens[l]))].sum()) for i in (w, l)]
+                                   for w, l in pairs.tolist()], dtype=torch.float64)
+            wpo = torch.stack([(t - q).sum() for t, q in zip(tokens, squares)])
+            return ResponseLogps(sums, counts, shared, wpo)
 
-        pol, counts = sums(trainer.model)
-        ref, _ = sums(reference)
-    n = len(rows)
-    pairs = torch.tensor([[i, n + i] for i in range(n)])  # TRL's batch is [chosen..., rejected...]
-    ours, _ = dpo_loss(ResponseLogps(pol, counts), ResponseLogps(ref, counts), pairs,
+        pol, ref = scores(trainer.model), scores(reference)
+    ours, _ = dpo_loss(pol, ref, pairs,
                        cfg(names if len(names) > 1 else names[0], 0.5, label_smoothing=eps, f_divergence=kind,
-                           f_alpha=0.7, discopop_tau=0.1))
+                           f_alpha=0.7, discopop_tau=0.1, ld_alpha=extra.get("ld_alpha"),
+                           wpo=bool(extra.get("wpo"))))
     assert abs(float(ours.mean()) - trl_loss) <= 1e-5 * max(1.0, abs(trl_loss)), (names, kind, float(ours.mean()), trl_loss)
+
+
+# --- sft in a mix, LD-DPO, WPO, Plackett-Luce: against hand computations in float64 ---
+
+def token_batch(seed: int = 0, k: int = 3):
+    """Two lists of K responses with per-token log-probs (policy, reference), their pairs (all
+    ordered pairs of a strict order: response i preferred to every j > i)."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = [(-(0.2 + torch.rand(int(n), generator=gen, dtype=torch.float64) * 3)).requires_grad_()
+              for n in torch.randint(1, 12, (2 * k,), generator=gen)]
+    ref_tokens = [t.detach() - 0.5 * torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in tokens]
+    pairs = torch.tensor([[u * k + i, u * k + j] for u in range(2) for i in range(k) for j in range(i + 1, k)])
+    return tokens, ref_tokens, pairs
+
+
+def as_logps(tokens, pairs, squares=None):
+    """ResponseLogps through the library's own helpers from per-token values laid out as collate does."""
+    from ppo_train.logps import shared_sums, sum_per_response
+
+    values = torch.cat(tokens)
+    owner = torch.cat([torch.full((len(t),), i) for i, t in enumerate(tokens)])
+    out = sum_per_response(values, owner, len(tokens))
+    wpo = None if squares is None else sum_per_response(values.detach() - torch.cat(squares), owner, len(tokens)).sums
+    return ResponseLogps(out.sums, out.counts, shared_sums(values, owner, out.counts, pairs), wpo)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.35, 1.0])
+def test_ld_alpha_equals_the_hand_reference(alpha):
+    """LD-DPO: log p = sum over the first min(n_w, n_l) tokens + alpha * the rest, per pair (the
+    partner differs per pair in a list of 3); alpha = 1 is plain DPO."""
+    tokens, ref_tokens, pairs = token_batch(seed=11)
+    pol, ref = as_logps(tokens, pairs), as_logps(ref_tokens, pairs)
+    beta = 0.7
+    got, _ = dpo_loss(pol, ref, pairs, cfg("sigmoid", beta, ld_alpha=alpha))
+    for i, (w, l) in enumerate(pairs.tolist()):
+        m = min(len(tokens[w]), len(tokens[l]))
+
+        def ld(t):
+            t = [float(x) for x in t.detach()]
+            return sum(t[:m]) + alpha * sum(t[m:])
+
+        d = (ld(tokens[w]) - ld(ref_tokens[w])) - (ld(tokens[l]) - ld(ref_tokens[l]))
+        assert abs(float(got[i]) - -lsig(beta * d)) < 1e-10, (alpha, i)
+    if alpha == 1.0:
+        plain, _ = dpo_loss(ResponseLogps(pol.sums, pol.counts), ResponseLogps(ref.sums, ref.counts), pairs,
+                            cfg("sigmoid", beta))
+        assert torch.allclose(got, plain, atol=1e-12)
+    got.sum().backward()  # the gradient reaches each token with weight 1 or alpha
+    for t in tokens:
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+def test_wpo_weights_each_pair_by_its_responses_probabilities():
+    """WPO: loss x exp(mean(log p - log sum p^2))(y_w) x the same of y_l, detached."""
+    tokens, ref_tokens, pairs = token_batch(seed=12)
+    gen = torch.Generator().manual_seed(3)
+    squares = [-(0.5 + torch.rand(len(t), generator=gen, dtype=torch.float64)) for t in tokens]  # log sum p^2 < 0
+    pol, ref = as_logps(tokens, pairs, squares), as_logps(ref_tokens, pairs)
+    plain, _ = dpo_loss(pol, ref, pairs, cfg(["sigmoid", "ipo"], 0.3))
+    got, _ = dpo_loss(pol, ref, pairs, cfg(["sigmoid", "ipo"], 0.3, wpo=True))
+    for i, (w, l) in enumerate(pairs.tolist()):
+        weight = math.prod(math.exp(sum(float(a) - float(b) for a, b in zip(tokens[j], squares[j])) / len(tokens[j]))
+                           for j in (w, l))
+        assert abs(float(got[i]) - weight * float(plain[i])) < 1e-10 * max(1.0, float(plain[i]))
+    (g_plain,) = torch.autograd.grad(plain[0], tokens[int(pairs[0, 0])], retain_graph=True)
+    (g_wpo,) = torch.autograd.grad(got[0], tokens[int(pairs[0, 0])])
+    ratio = g_wpo / g_plain  # the weight is a constant to the gradient (detached)
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-10)
+
+
+def test_sft_in_a_mix_is_the_token_mean_over_the_step():
+    """[sigmoid, sft]: the sft part, summed over the step's micro-batches and divided by the
+    step's pairs, is -(sum of the preferred responses' log-probs) / their tokens, however the
+    pairs are split (the step's StepTotals), and the batch's own counts without totals."""
+    from ppo_train.losses.common import StepTotals
+
+    pol, ref, pairs = batch(seed=9)
+    sig_only, _ = dpo_loss(pol, ref, pairs, cfg("sigmoid"))
+    chosen = pairs[:, 0]
+    want = -float(pol.sums[chosen].sum()) / float(pol.counts[chosen].sum())
+    totals = StepTotals(len(pairs), 5, int(pol.counts[chosen].sum()))
+    parts = [dpo_loss(pol, ref, pairs[s], cfg(["sigmoid", "sft"], weights=[1.0, 2.0]), totals=totals)[0]
+             for s in (slice(0, 2), slice(2, None))]
+    step = float(torch.cat(parts).sum()) / len(pairs)
+    assert abs(step - (float(sig_only.mean()) + 2.0 * want)) < 1e-10
+    alone, _ = dpo_loss(pol, ref, pairs, cfg(["sigmoid", "sft"]))  # no totals: this batch is the step
+    assert abs(float(alone.mean()) - (float(sig_only.mean()) + want)) < 1e-10
+
+
+def hand_plackett_luce(s: list[float], order: list[list[int]]) -> float:
+    """-sum over positions of log(exp(s_k) / sum_{j at or below k} exp(s_j)); `order`: tie
+    groups, best first; a tied response's denominator holds itself and the groups below."""
+    total = 0.0
+    for g, group in enumerate(order):
+        below = [j for lower in order[g + 1:] for j in lower]
+        if not below:
+            continue
+        for k in group:
+            total -= s[k] - math.log(sum(math.exp(s[j]) for j in [k] + below))
+    return total
+
+
+def test_plackett_luce_equals_the_hand_formula_with_and_without_ties():
+    from ppo_train.data.sources import pairs_from_scores
+
+    gen = torch.Generator().manual_seed(4)
+    for scores in ([4.0, 3.0, 2.0, 1.0], [1.0, 5.0, 3.0, 2.0, 4.0], [3.0, 3.0, 1.0, 2.0], [2.0, 1.0, 1.0]):
+        k = len(scores)
+        pairs = torch.tensor(pairs_from_scores(scores)[0])
+        pol = ResponseLogps(torch.randn(k, generator=gen, dtype=torch.float64).requires_grad_(), torch.ones(k))
+        ref = ResponseLogps(torch.randn(k, generator=gen, dtype=torch.float64), torch.ones(k))
+        beta = 0.8
+        got, metrics = dpo_loss(pol, ref, pairs, cfg("plackett_luce", beta))
+        s = [beta * float(pol.sums[i] - ref.sums[i]) for i in range(k)]
+        levels = sorted(set(scores), reverse=True)
+        order = [[i for i in range(k) if scores[i] == v] for v in levels]
+        assert abs(float(got.sum()) - hand_plackett_luce(s, order)) < 1e-10, scores
+        assert metrics["rewards/chosen"].shape == (len(pairs),)
+        got.sum().backward()
+        assert torch.isfinite(pol.sums.grad).all()
+
+
+def test_plackett_luce_with_two_responses_is_dpo_sigmoid():
+    pol, ref, pairs = batch(seed=6)
+    pairs = torch.tensor([[0, 1], [3, 2], [4, 5]])  # three lists of two
+    pl, _ = dpo_loss(pol, ref, pairs, cfg("plackett_luce", 0.4))
+    dpo, _ = dpo_loss(pol, ref, pairs, cfg("sigmoid", 0.4))
+    # one term per list, in the order of the preferred responses (0, 3, 4: the pairs' order here)
+    assert torch.allclose(pl, dpo, atol=1e-14, rtol=0), (pl, dpo)

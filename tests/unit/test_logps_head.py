@@ -125,3 +125,32 @@ def test_the_backward_is_the_autograd_function_not_a_graph_of_vocab_sized_ops():
     hidden, head, index, targets, _ = problem(12)
     out = token_logps(hidden.requires_grad_(), index, targets, head, 4, recompute=False)
     assert type(out.grad_fn).__name__ == LinearLogProbs.__name__ + "Backward"
+
+
+@pytest.mark.parametrize("path", ["fused-recompute", "fused-keep", "module"])
+def test_sum_of_squared_probabilities_for_wpo(path):
+    """token_logps(sq=True) also gives log sum_v softmax_v^2 per position (WPO), equal to the
+    float64 plain computation, on the fused head (both memory modes) and the module path (a
+    biased head), with the log-probs and their gradients unchanged."""
+    hidden, head, index, targets, upstream = problem(29, seed=4)
+    if path == "module":
+        biased = torch.nn.Linear(H, V, bias=True)
+        with torch.no_grad():
+            biased.weight.copy_(head.weight)
+            biased.bias.normal_()
+        head = biased
+    assert fusable(head) == (path != "module")
+    flat = hidden.double().reshape(-1, H)[index]
+    logits = flat @ head.weight.detach().double().t()
+    if head.bias is not None:
+        logits = logits + head.bias.detach().double()
+    want = torch.log((torch.softmax(logits, -1) ** 2).sum(-1))
+    h = hidden.detach().clone().requires_grad_()
+    out, sq = token_logps(h, index, targets, head, 8, recompute=path != "fused-keep", sq=True)
+    assert not sq.requires_grad and sq.shape == out.shape
+    assert_close(sq, want, "log sum p^2")
+    plain = token_logps(hidden.detach().clone().requires_grad_(), index, targets, head, 8,
+                        recompute=path != "fused-keep")
+    assert torch.equal(out.detach(), plain.detach())
+    (out.double() * upstream).sum().backward()
+    assert torch.isfinite(h.grad).all()

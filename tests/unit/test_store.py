@@ -93,6 +93,10 @@ def test_the_store_gives_the_in_process_units_reports_and_batches(name, tmp_path
         for i in range(len(plain)):
             _same_unit(plain[i], data.units[i], (name, layout, i))
         assert np.array_equal(plain.lengths, data.units.lengths)
+        # the per-example preferred-token counts (sft in a DPO mix) from the store's columns alone
+        assert np.array_equal(data.units.examples.chosen_tokens, plain.examples.chosen_tokens), (name, layout)
+        assert plain.examples.chosen_tokens.tolist() == [sum(len(ex.response_ids[w]) for w, _ in ex.pairs)
+                                                          for ex in tokenized]
         assert vars(load_report) == vars(data.load_report)
         assert vars(token_report) == vars(data.tokenize_report)
         assert data.examples.index.tolist() == [ex.index for ex in tokenized]
