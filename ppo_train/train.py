@@ -16,7 +16,7 @@ from ppo_train import checkpoint, fileio, hostmem, precision
 from ppo_train.data.pipeline import PreparedData
 from ppo_train.inputs import prepare
 from ppo_train.data.schedule import Schedule, Step
-from ppo_train.dist import DistInfo, all_ranks, init_distributed
+from ppo_train.dist import DistInfo, all_ranks, init_distributed, reduce
 from ppo_train.engine import Engine
 from ppo_train.errors import ConfigError, NonFiniteLoss
 from ppo_train.losses import LOSSES
@@ -81,11 +81,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     # before the first update of every start: the training path against plain forwards (raises past tolerance)
     writer.add_to_next_row(self_check(cfg, engine, scorer, data.examples, next(schedule.steps(done), None), dist))
     for step in schedule.steps(done):
-        tracker, totals = StepMetrics(utilization), StepTotals.of_step(step)
+        tracker, totals = StepMetrics(utilization), step_totals(loss, cfg, engine, scorer, reference, step, dist)
         for mb in step.micro_batches:
             scored = scorer(engine, mb)
             ref = reference.scores(scored) if reference is not None else None
-            terms, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss, totals=totals)
+            terms, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss,
+                                     totals=totals.for_batch(pair_rows(step, data.units, scored.batch)))
             trained = all_ranks(bool(torch.isfinite(terms.detach()).all()), dist)
             if trained:
                 engine.backward(terms.sum() / loss.normalizer(cfg.loss, totals))
@@ -130,6 +131,33 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     if dist.is_main:
         _print_summary(writer.history, data, run_dir, done, time.perf_counter() - began, str(t.precision))
     return writer.history
+
+
+def step_totals(loss, cfg: DictConfig, engine, scorer: Scorer, reference, step: Step, dist: DistInfo) -> StepTotals:
+    """The step's counts, and for a loss that sorts over the whole step (aot) the detached
+    per-pair values of all its pairs: a no-grad forward of this rank's micro-batches, summed over
+    ranks into one table (every pair has one row, in step order). A step of one micro-batch in
+    one process needs no such pass: its batch is the step (the loss computes them itself)."""
+    totals = StepTotals.of_step(step)
+    if not loss.wants_step_stats(cfg.loss) or (dist.world_size == 1 and len(step.micro_batches) == 1):
+        return totals
+    table = torch.zeros(step.pairs, loss.stats_width, dtype=torch.float64)
+    with torch.no_grad():
+        for mb in step.micro_batches:  # every rank the same count (empty ones included): ZeRO-3 gathers
+            scored = scorer(engine, mb)
+            ref = reference.scores(scored) if reference is not None else None
+            stats = loss.step_stats(scored.scores, ref, scored.batch.pairs, cfg.loss)
+            table[pair_rows(step, scorer.units, scored.batch)] = stats.double().cpu()
+    return StepTotals(totals.pairs, totals.lists, totals.chosen_tokens, reduce(table, dist), None)
+
+
+def pair_rows(step: Step, units, batch) -> torch.Tensor:
+    """The rows of `batch`'s pairs in the step's pair table: the step's units in order, each
+    unit's pairs in order."""
+    members = np.asarray(step.units, dtype=np.int64)
+    first = dict(zip(members.tolist(), (np.cumsum(units.num_pairs[members]) - units.num_pairs[members]).tolist()))
+    return torch.tensor([first[u] + k for u, k in zip(batch.pair_unit.tolist(), batch.pair_k.tolist())],
+                        dtype=torch.long)
 
 
 def _vision_zero_stage(t: DictConfig, dist: DistInfo) -> None:
@@ -189,10 +217,12 @@ def evaluate(engine: Engine, scorer: Scorer, reference, cfg: DictConfig, dist: D
                         dist.world_size, dist.rank)
     loss = LOSSES[cfg.loss.name]
     for step in schedule.steps():
+        totals = step_totals(loss, cfg, engine, scorer, reference, step, dist)
         for mb in step.micro_batches:
             scored = scorer(engine, mb)
             ref = reference.scores(scored) if reference is not None else None
-            terms, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss, totals=StepTotals.of_step(step))
+            terms, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss,
+                                     totals=totals.for_batch(pair_rows(step, scorer.units, scored.batch)))
             tracker.add_pairs(terms, metrics, loss.batch_terms(cfg.loss, scored.batch))
             tracker.add_batch(scored.batch)
     engine.train(True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ppo_train.losses.dpo import DpoConfig, dpo_loss, per_list
+from ppo_train.losses.dpo import DpoConfig, dpo_loss, dpo_step_stats, per_list, sorts_step
 from ppo_train.losses.orpo import OrpoConfig, orpo_loss
 from ppo_train.losses.reward import RewardConfig, reward_loss
 from ppo_train.losses.sft import SftConfig, sft_loss
@@ -26,6 +26,11 @@ class Loss:
     needs_reference: bool = False  # compares against reference log-probs (a table or a live model)
     reward_head: bool = False  # trains a one-label sequence classifier instead of a causal LM
     per_list: Callable = lambda cfg: False  # (params) -> one term per list (normalized by lists), not per pair
+    # (policy, reference, pairs, params) -> detached (P, m) per-pair values the loss needs over the
+    # whole step (StepTotals.pair_stats), or None when these params need none
+    step_stats: Callable = lambda policy, reference, pairs, cfg: None
+    wants_step_stats: Callable = lambda cfg: False
+    stats_width: int = 4  # m, the same on every rank (a rank may hold no pair of the step)
 
     def normalizer(self, cfg, totals) -> int:
         """What the step's summed loss terms are divided by: its lists or its pairs."""
@@ -37,7 +42,8 @@ class Loss:
 
 
 LOSSES: dict[str, Loss] = {
-    "dpo": Loss(dpo_loss, DpoConfig, needs_reference=True, per_list=per_list),
+    "dpo": Loss(dpo_loss, DpoConfig, needs_reference=True, per_list=per_list, step_stats=dpo_step_stats,
+                wants_step_stats=sorts_step),
     "simpo": Loss(simpo_loss, SimpoConfig),
     "orpo": Loss(orpo_loss, OrpoConfig),
     "reward": Loss(reward_loss, RewardConfig, reward_head=True),

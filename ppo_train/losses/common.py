@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,6 +18,15 @@ class StepTotals:
     pairs: int
     lists: int  # units (prompts with their responses) of the step
     chosen_tokens: int  # tokens of the preferred response, summed over the step's pairs
+    # a loss that ranks or averages over the whole step (aot): detached per-pair values of every
+    # pair of the step (P_step, m), from a no-grad pass before the step's first backward, and the
+    # rows of the current micro-batch's pairs in it (P,); None: the micro-batch is the step
+    pair_stats: torch.Tensor | None = None
+    pair_index: torch.Tensor | None = None
+
+    def for_batch(self, index: torch.Tensor) -> "StepTotals":
+        """These totals for one micro-batch whose pairs are rows `index` of pair_stats."""
+        return self if self.pair_stats is None else replace(self, pair_index=index)
 
     @classmethod
     def of_step(cls, step) -> "StepTotals":

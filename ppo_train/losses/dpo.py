@@ -21,6 +21,9 @@ log-ratio itself), d = s_c - s_r, n_w, n_l the responses' token counts and beta 
 | apo_down | APO, eq. 8 | sigmoid(beta c) + 1 - sigmoid(beta (c - r)) |
 | discopop | DiscoPOP, Chris Lu et al. 2024, eq. 5 (tau = `loss.discopop_tau`) | (1 - m)(-log sigmoid(beta d)) + m exp(-beta d), m = sigmoid(beta d / tau) |
 | sigmoid_norm | length-normalized DPO (Tulu 3, Lambert et al. 2024) | -log sigmoid(beta (s_c / n_w - s_r / n_l)) |
+| sft | RPO, Pang et al. 2024, in a list | -log pi(y_w) x pairs / preferred tokens of the step (below) |
+| aot, aot_unpaired | AOT, Melnyk et al. 2024 | sorted over the whole step (below) |
+| plackett_luce | Rafailov et al. 2023, App. A.3 | one term per list (below) |
 
 f-divergences (Wang et al. 2023, "Beyond Reverse KL"; `loss.f_divergence`, as TRL's
 `f_divergence_type`): reverse_kl s = t; forward_kl s = 1 - exp(-t); js_divergence
@@ -63,8 +66,19 @@ to none (the last, or a group tied at the bottom) adds no term. The loss is norm
 step's list count (not its pairs); the metrics are per pair as for the other variants. With
 K = 2 it equals sigmoid. It takes no f-divergence, ld_alpha, WPO or mix.
 
-Not supported yet: `aot` and `aot_unpaired` (they sort over the whole step's pairs): refused
-at config time, naming the key.
+`aot` and `aot_unpaired` (AOT, Melnyk et al. 2024, "Distributional Preference Alignment of
+LLMs via Optimal Transport"; g(z) = -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z),
+eps = `loss.label_smoothing`) sort over the pairs of the whole optimizer step, across
+micro-batches and ranks (TRL sorts within its batch: the same with one micro-batch per step).
+aot: with x = log pi(y_w) - log pi(y_l) and y the same under the reference, the k-th smallest x
+is matched with the k-th smallest y: sum_k g(x_(k) - y_(k)). aot_unpaired: the k-th smallest
+chosen log-ratio c with the k-th smallest rejected log-ratio r: sum_k g(c_(k) - r_(k)). The
+ranks come from a no-grad forward of the step's micro-batches before its first backward (one
+extra forward per step when the step has more than one micro-batch; `step_stats`, gathered over
+ranks); each pair's term then takes its rank's partner value from that pass, detached, which
+gives the sorted sum's value and gradient (aot_unpaired adds the rejected side's gradient as a
+term of value 0). The per-pair terms follow the pairs, not the sorted positions, so the metrics
+stay per pair.
 
 Implicit rewards (the metrics): beta * (log pi - log ref) per response, as per-token means when
 every term is length-normalized (ipo, sigmoid_norm), else as sums.
@@ -88,8 +102,7 @@ TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 LISTWISE = ("plackett_luce",)  # one loss per list of responses, not per pair
 VARIANTS = TRL_LOSS_TYPES + LISTWISE
-NOT_YET = {"aot": "it sorts the log-ratios over the whole optimizer step, across micro-batches and ranks",
-           "aot_unpaired": "it sorts the log-ratios over the whole optimizer step, across micro-batches and ranks"}
+SORTED = ("aot", "aot_unpaired")  # sort over the whole step's pairs
 LENGTH_NORMALIZED = ("ipo", "sigmoid_norm")
 # the terms an f-divergence changes (TRL refuses the others: the f-DPO reparameterization only
 # cancels in the chosen - rejected score difference); sft does not read the scores
@@ -126,9 +139,6 @@ class DpoConfig:
         if unknown or not names:
             out.append(f"loss.variant={self.variant}: expected one of {list(VARIANTS)} (TRL's loss_type names, "
                        "or plackett_luce) or a list of TRL names")
-        for name in names:
-            if name in NOT_YET:
-                out.append(f"loss.variant={name}: not supported yet: {NOT_YET[name]}")
         if len(set(names)) != len(names):
             out.append(f"loss.variant={names}: a name appears twice (give it one weight instead)")
         if self.weights is not None:
@@ -137,8 +147,9 @@ class DpoConfig:
                 out.append(f"loss.weights={weights}: expected one weight per loss.variant entry ({len(names)})")
             elif not all(math.isfinite(float(x)) for x in weights):
                 out.append(f"loss.weights={weights}: expected finite numbers")
-        if 0 < self.label_smoothing and not {"robust", "exo_pair"} & set(names):
-            out.append(f"loss.label_smoothing={self.label_smoothing}: only used by loss.variant robust and exo_pair")
+        if 0 < self.label_smoothing and not {"robust", "exo_pair", *SORTED} & set(names):
+            out.append(f"loss.label_smoothing={self.label_smoothing}: only used by loss.variant robust, exo_pair, "
+                       "aot and aot_unpaired")
         if "exo_pair" in names and self.label_smoothing <= 0:
             out.append("loss.label_smoothing=0 with loss.variant=exo_pair: expected 0 < value < 0.5 (EXO's epsilon; "
                        "its loss has log(epsilon); TRL's docs suggest 1e-3)")
@@ -150,6 +161,9 @@ class DpoConfig:
             out.append(f"loss.discopop_tau={self.discopop_tau}: expected > 0")
         if self.ld_alpha is not None and not 0.0 <= float(self.ld_alpha) <= 1.0:
             out.append(f"loss.ld_alpha={self.ld_alpha}: expected null or 0 <= value <= 1 (1: plain sums)")
+        if self.wpo and set(SORTED) & set(names):
+            out.append("loss.wpo=true with aot/aot_unpaired: those terms follow sorted positions, not pairs, so a "
+                       "per-pair weight does not apply (as in TRL)")
         if self.wpo and "sft" in names:
             out.append("loss.wpo=true with sft in loss.variant: TRL scales the batch's sft mean by the batch's mean "
                        "pair weight, which the step's first micro-batch cannot know; drop one of them")
@@ -173,6 +187,44 @@ def variant_names(variant) -> list[str]:
 def per_list(cfg) -> bool:
     """Whether the loss has one term per list (normalized by the step's lists), not per pair."""
     return variant_names(getattr(cfg, "variant", "sigmoid")) == ["plackett_luce"]
+
+
+def sorts_step(cfg) -> bool:
+    """Whether a term sorts over the whole step (needs StepTotals.pair_stats)."""
+    return bool(set(SORTED) & set(variant_names(getattr(cfg, "variant", "sigmoid"))))
+
+
+def dpo_step_stats(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tensor, cfg) -> torch.Tensor | None:
+    """(P, 4) detached: policy chosen - rejected, the same under the reference, the chosen and the
+    rejected log-ratio, per pair (what aot and aot_unpaired sort); None when no term sorts."""
+    if not sorts_step(cfg):
+        return None
+    ld_alpha = getattr(cfg, "ld_alpha", None)
+    pol_w, pol_l = pair_logps(policy, pairs, ld_alpha)
+    ref_w, ref_l = pair_logps(reference, pairs, ld_alpha)
+    return torch.stack([pol_w - pol_l, ref_w - ref_l, pol_w - ref_w, pol_l - ref_l], dim=1).detach()
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each entry's position in the ascending (stable) order."""
+    order = torch.argsort(values, stable=True)
+    return torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+
+
+def _sorted_terms(name: str, beta: float, eps: float, x: torch.Tensor, c: torch.Tensor, r: torch.Tensor,
+                  stats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per pair of this batch: its share of aot / aot_unpaired over the step (`stats` every pair
+    of the step, `index` this batch's rows in it)."""
+    def g(z):
+        return -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
+
+    if name == "aot":  # the k-th policy margin against the k-th reference margin
+        partner = torch.sort(stats[:, 1]).values[_ranks(stats[:, 0])[index]]
+        return g(x - partner)
+    chosen_partner = torch.sort(stats[:, 3]).values[_ranks(stats[:, 2])[index]]
+    rejected_partner = torch.sort(stats[:, 2]).values[_ranks(stats[:, 3])[index]]
+    rejected = g(rejected_partner - r)
+    return g(c - chosen_partner) + rejected - rejected.detach()
 
 
 def wants_shared_sums(cfg) -> bool:
@@ -292,7 +344,16 @@ def dpo_loss(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tenso
         t = totals if totals is not None else StepTotals.of_batch(policy, pairs)
         return -policy.sums[w] * (t.pairs / max(t.chosen_tokens, 1))
 
-    loss = sum(float(weight) * _term(name, beta, c, r, sc, sr, nw, nl, cfg, sft)
+    def sorted_term(name: str) -> torch.Tensor:
+        if totals is not None and totals.pair_stats is not None:
+            stats, index = totals.pair_stats.to(c.device), totals.pair_index.to(c.device)
+        else:  # this batch is the step
+            stats, index = dpo_step_stats(policy, reference, pairs, cfg), torch.arange(len(pairs), device=c.device)
+        eps = float(getattr(cfg, "label_smoothing", 0.0))
+        return _sorted_terms(name, beta, eps, pol_w - pol_l, c, r, stats, index)
+
+    loss = sum(float(weight) * (sorted_term(name) if name in SORTED else
+                                _term(name, beta, c, r, sc, sr, nw, nl, cfg, sft))
                for name, weight in zip(names, weights))
     if getattr(cfg, "wpo", False):
         loss = loss * wpo_weights(policy, pairs)

@@ -29,7 +29,9 @@ LOSS_DATA = {"dpo": [], "simpo": ["loss=simpo"], "orpo": ["loss=orpo"], "sft": [
              # sft in a mix: a token mean over the whole step's preferred responses (StepTotals);
              # LD-DPO: per-pair shared-length sums, the reference's from the cached table
              "dpo_rpo": ["loss.variant=[sigmoid,sft]", "loss.weights=[1.0,0.5]"],
-             "dpo_ld_alpha": ["loss.ld_alpha=0.3"]}
+             "dpo_ld_alpha": ["loss.ld_alpha=0.3"],
+             # sorted over the whole step: a no-grad pass gathers every pair's values first
+             "dpo_aot": ["loss.variant=aot"], "dpo_aot_unpaired": ["loss.variant=aot_unpaired"]}
 
 
 def ffd_rows(overrides) -> int:

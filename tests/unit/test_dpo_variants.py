@@ -16,9 +16,10 @@ from ppo_train.cli import compose
 from ppo_train.config_check import validate
 from ppo_train.errors import ConfigError
 from ppo_train.logps import ResponseLogps
-from ppo_train.losses.dpo import NOT_YET, TRL_LOSS_TYPES, dpo_loss
+from ppo_train.losses.dpo import SORTED, TRL_LOSS_TYPES, dpo_loss
 
-SUPPORTED = [n for n in TRL_LOSS_TYPES if n not in NOT_YET]
+SUPPORTED = list(TRL_LOSS_TYPES)
+PER_PAIR = [n for n in TRL_LOSS_TYPES if n not in SORTED]  # aot sorts over the step: its own tests
 DIVERGENCES = ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
 
 
@@ -96,7 +97,7 @@ def cfg(variant, beta=0.1, **extra):
 
 
 @pytest.mark.parametrize("kind", DIVERGENCES)
-@pytest.mark.parametrize("name", SUPPORTED)
+@pytest.mark.parametrize("name", PER_PAIR)
 def test_every_trl_name_equals_the_hand_reference(name, kind):
     eps = 0.1 if name in ("robust", "exo_pair") else 0.0
     for beta in (0.1, 2.0):
@@ -155,7 +156,8 @@ def test_the_four_original_variants_are_unchanged():
 
 @pytest.mark.parametrize("overrides, needle", [
     (["loss.variant=sigmoidd"], "loss.variant=sigmoidd: expected one of"),
-    (["loss.variant=aot"], "loss.variant=aot: not supported yet"),
+    (["loss.variant=aot", "loss.wpo=true"], "loss.wpo=true with aot/aot_unpaired"),
+    (["loss.variant=aot", "loss.f_divergence=forward_kl"], "those terms use the plain log-ratios"),
     (["loss.variant=[sigmoid,sft]", "loss.wpo=true"], "loss.wpo=true with sft in loss.variant"),
     (["loss.ld_alpha=1.5"], "loss.ld_alpha=1.5: expected null or 0 <= value <= 1"),
     (["loss.variant=[plackett_luce,sigmoid]"], "loss.variant=plackett_luce: one loss per list"),
@@ -164,7 +166,7 @@ def test_the_four_original_variants_are_unchanged():
     (["loss.variant=[sigmoid,hinge]", "loss.weights=[1.0]"], "loss.weights=[1.0]: expected one weight per"),
     (["loss.variant=[sigmoid,sigmoid]"], "a name appears twice"),
     (["loss.variant=exo_pair"], "loss.label_smoothing=0 with loss.variant=exo_pair"),
-    (["loss.variant=hinge", "loss.label_smoothing=0.1"], "only used by loss.variant robust and exo_pair"),
+    (["loss.variant=hinge", "loss.label_smoothing=0.1"], "only used by loss.variant robust, exo_pair"),
     (["loss.discopop_tau=0"], "loss.discopop_tau=0"),
     (["loss.f_divergence=kl"], "f_divergence"),
     (["loss.variant=[sigmoid,bco_pair]", "loss.f_divergence=forward_kl"], "those terms use the plain log-ratios"),
@@ -395,3 +397,55 @@ def test_plackett_luce_with_two_responses_is_dpo_sigmoid():
     dpo, _ = dpo_loss(pol, ref, pairs, cfg("sigmoid", 0.4))
     # one term per list, in the order of the preferred responses (0, 3, 4: the pairs' order here)
     assert torch.allclose(pl, dpo, atol=1e-14, rtol=0), (pl, dpo)
+
+
+# --- aot / aot_unpaired: sorted over the whole step ---
+
+def trl_aot(pol_w, pol_l, ref_w, ref_l, beta, eps, unpaired):
+    """TRL 1.16's formulas (dpo_trainer.py, loss_type aot / aot_unpaired): sort, subtract, mean."""
+    lsg = torch.nn.functional.logsigmoid
+    if unpaired:
+        delta = torch.sort(pol_w - ref_w).values - torch.sort(pol_l - ref_l).values
+    else:
+        delta = torch.sort(pol_w - pol_l).values - torch.sort(ref_w - ref_l).values
+    return (-lsg(beta * delta) * (1 - eps) - lsg(-beta * delta) * eps).mean()
+
+
+@pytest.mark.parametrize("name", ["aot", "aot_unpaired"])
+def test_aot_equals_trls_sorted_formula_and_splits_like_one_batch(name):
+    """One batch (the step): the mean of the per-pair terms and its gradient equal TRL's sorted
+    formula. The same step cut into two micro-batches, with the step's pair table
+    (StepTotals.pair_stats, what train.step_totals gathers), gives the same summed loss and the
+    same gradient."""
+    from ppo_train.losses.common import StepTotals
+    from ppo_train.losses.dpo import dpo_step_stats
+
+    gen = torch.Generator().manual_seed(21)
+    n, pairs = 12, torch.tensor([[2 * i, 2 * i + 1] for i in range(6)])
+    counts = torch.randint(3, 30, (n,), generator=gen).double()
+    base = -counts * (1 + torch.rand(n, generator=gen, dtype=torch.float64))
+    ref = ResponseLogps(base + torch.randn(n, generator=gen, dtype=torch.float64), counts)
+    beta, eps = 0.6, 0.1
+    c = cfg(name, beta, label_smoothing=eps)
+
+    pol = ResponseLogps(base.clone().requires_grad_(), counts)
+    whole, _ = dpo_loss(pol, ref, pairs, c)
+    w, l = pairs[:, 0], pairs[:, 1]
+    want = trl_aot(pol.sums[w], pol.sums[l], ref.sums[w], ref.sums[l], beta, eps, name == "aot_unpaired")
+    assert abs(float(whole.mean()) - float(want)) < 1e-12
+    (g_ours,) = torch.autograd.grad(whole.mean(), pol.sums)
+    pol2 = ResponseLogps(base.clone().requires_grad_(), counts)
+    want2 = trl_aot(pol2.sums[w], pol2.sums[l], ref.sums[w], ref.sums[l], beta, eps, name == "aot_unpaired")
+    (g_trl,) = torch.autograd.grad(want2, pol2.sums)
+    assert torch.allclose(g_ours, g_trl, atol=1e-14), (g_ours, g_trl)
+
+    table = dpo_step_stats(pol, ref, pairs, c)
+    totals = StepTotals(len(pairs), len(pairs), 0, table)
+    pol3 = ResponseLogps(base.clone().requires_grad_(), counts)
+    order = torch.tensor([4, 0, 5, 2, 1, 3])  # the step's pairs in two micro-batches, out of order
+    parts = [dpo_loss(pol3, ref, pairs[order[s]], c, totals=totals.for_batch(order[s]))[0]
+             for s in (slice(0, 2), slice(2, None))]
+    split = torch.cat(parts).sum() / len(pairs)
+    assert abs(float(split) - float(want)) < 1e-12
+    (g_split,) = torch.autograd.grad(split, pol3.sums)
+    assert torch.allclose(g_split, g_trl, atol=1e-14)
