@@ -37,6 +37,7 @@ class DataFormat(Choice):
     ranked = "ranked"
     pandalm = "pandalm"
     ultrafeedback = "ultrafeedback"
+    unpaired = "unpaired"  # TRL's KTO format: prompt, completion, label
 
 
 class LengthPolicy(Choice):
@@ -374,11 +375,11 @@ def cross_group_problems(cfg) -> list[str]:
     if not LOSSES[loss].needs_reference and cfg.reference.live:
         out.append(f"reference.live: loss={loss} is reference-free")
     if layout.name == "unmasked":
-        if loss in ("dpo", "reward"):
+        if LOSSES[loss].needs_reference or LOSSES[loss].reward_head:
             out.append(
                 f"layout=unmasked with loss={loss}: the mask-free layout lets packed sequences see each other, so "
                 "log-probs and rewards are no longer exact, and "
-                + ("DPO compares them against an exact reference" if loss == "dpo" else
+                + (f"{loss.upper()} compares them against an exact reference" if LOSSES[loss].needs_reference else
                    "a reward model's scores must be exact") + "; use layout=shared (exact and faster) or "
                 "loss=sft/orpo/simpo")
         if not m.lora.enabled:

@@ -58,7 +58,7 @@ class StepMetrics:
         scored = totals.get("scored_pairs", 0.0)
         row = {"loss": None}
         row.update({k: (v / scored if scored else None) for k, v in totals.items()
-                    if k in ("nll", "log_odds_ratio") or "/" in k})
+                    if k in ("nll", "log_odds_ratio", "kl") or "/" in k})
         terms = totals.get("loss_terms", 0.0)  # pairs, or lists for a listwise loss
         row["loss"] = totals["loss"] / terms if terms and "loss" in totals else None
         for k in ("pairs", "responses", "samples", "tokens", "real_tokens"):

@@ -86,7 +86,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
             scored = scorer(engine, mb)
             ref = reference.scores(scored) if reference is not None else None
             terms, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss,
-                                     totals=totals.for_batch(pair_rows(step, data.units, scored.batch)))
+                                     totals=totals.for_batch(pair_rows(step, data.units, scored.batch)),
+                                     **loss.label_kwargs(scored.batch))
             trained = all_ranks(bool(torch.isfinite(terms.detach()).all()), dist)
             if trained:
                 engine.backward(terms.sum() / loss.normalizer(cfg.loss, totals))
@@ -146,7 +147,7 @@ def step_totals(loss, cfg: DictConfig, engine, scorer: Scorer, reference, step: 
         for mb in step.micro_batches:  # every rank the same count (empty ones included): ZeRO-3 gathers
             scored = scorer(engine, mb)
             ref = reference.scores(scored) if reference is not None else None
-            stats = loss.step_stats(scored.scores, ref, scored.batch.pairs, cfg.loss)
+            stats = loss.step_stats(scored.scores, ref, scored.batch.pairs, cfg.loss, **loss.label_kwargs(scored.batch))
             table[pair_rows(step, scorer.units, scored.batch)] = stats.double().cpu()
     return StepTotals(totals.pairs, totals.lists, totals.chosen_tokens, reduce(table, dist), None)
 
@@ -222,12 +223,13 @@ def evaluate(engine: Engine, scorer: Scorer, reference, cfg: DictConfig, dist: D
             scored = scorer(engine, mb)
             ref = reference.scores(scored) if reference is not None else None
             terms, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss,
-                                     totals=totals.for_batch(pair_rows(step, scorer.units, scored.batch)))
+                                     totals=totals.for_batch(pair_rows(step, scorer.units, scored.batch)),
+                                     **loss.label_kwargs(scored.batch))
             tracker.add_pairs(terms, metrics, loss.batch_terms(cfg.loss, scored.batch))
             tracker.add_batch(scored.batch)
     engine.train(True)
     row = tracker.reduce(dist)
-    keep = [k for k in row if k in ("loss", "nll", "log_odds_ratio", "pairs") or "/" in k]
+    keep = [k for k in row if k in ("loss", "nll", "log_odds_ratio", "kl", "pairs") or "/" in k]
     return {f"eval/{k}": row[k] for k in keep}
 
 

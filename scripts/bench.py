@@ -130,7 +130,8 @@ def train_steps(ctx: dict, steps: list[list], tally: Tally) -> None:
             tally.collate_s += t1 - t0
             scored = Scored(batch, mask, forward_scores(ctx["module"], batch, mask))
             ref = ctx["reference"].scores(scored) if ctx["reference"] is not None else None
-            per_pair, _ = ctx["loss"].fn(scored.scores, ref, batch.pairs, cfg.loss)
+            # the timed path: each micro-batch's own counts stand in for the step's (StepTotals)
+            per_pair, _ = ctx["loss"].fn(scored.scores, ref, batch.pairs, cfg.loss, **ctx["loss"].label_kwargs(batch))
             loss = per_pair.sum() / max(step_pairs, 1)
             loss.backward()
             loss_sum += float(loss.detach())

@@ -37,6 +37,7 @@ class PackedBatch:
     pairs: torch.Tensor  # (P, 2) preferred, dispreferred response indices
     pair_unit: torch.Tensor  # (P,) unit uid of each pair
     pair_k: torch.Tensor  # (P,) index of the pair within its unit
+    pair_label: torch.Tensor  # (P,) float64: 1 desirable, 0 undesirable (loss=kto); 1 for preference pairs
     real_tokens: int
     example_ids: list[int]  # uids of the units, for error messages
     visible_pairs: int = 0  # (query, key) pairs the mask lets attend among real tokens (FLOP counts)
@@ -136,6 +137,7 @@ def collate(all_units: Units, mb: MicroBatch | None, pad_id: int, empty_length: 
     pairs = [units[u].pairs + base[u] for u in members]
     pair_unit = [units[u].uid for u in members for _ in range(len(units[u].pairs))]
     pair_k = [k for u in members for k in range(len(units[u].pairs))]
+    pair_label = [float(x) for u in members for x in units[u].pair_labels]
     if refs and images is None:
         raise ValueError("the micro-batch has images and no image processor was given")
     return PackedBatch(
@@ -146,6 +148,7 @@ def collate(all_units: Units, mb: MicroBatch | None, pad_id: int, empty_length: 
         response_unit=torch.tensor(resp_unit, dtype=torch.long), response_k=torch.tensor(resp_k, dtype=torch.long),
         pairs=torch.from_numpy(np.concatenate(pairs)) if pairs else torch.zeros((0, 2), dtype=torch.long),
         pair_unit=torch.tensor(pair_unit, dtype=torch.long), pair_k=torch.tensor(pair_k, dtype=torch.long),
+        pair_label=torch.tensor(pair_label, dtype=torch.float64),
         real_tokens=mb.real_tokens if mb is not None else 0,
         example_ids=[units[u].uid for u in members], visible_pairs=visible,
         image_inputs=images(refs) if refs else {}, images=len(refs), image_tokens=image_tokens,

@@ -42,6 +42,7 @@ class Unit:
     images: list[tuple[int, list]] = field(default_factory=list)  # (offset of a prompt copy, its image refs)
     mrope: np.ndarray | None = None  # (3, T) M-RoPE positions (M-RoPE models only)
     image_tokens: int = 0  # tokens carrying image features in one prompt copy
+    pair_labels: np.ndarray | None = None  # (P,) float64: 1 desirable, 0 undesirable (loss=kto); None: 1 each
 
     @property
     def length(self) -> int:
@@ -100,7 +101,8 @@ def build_unit(ex: TokenizedExample, uid: int, layout: str) -> Unit:
             mrope[:, c:c + p] = ex.mrope
     return Unit(uid, as_i64(ids), pos, as_i64(seg), as_i64(doc), as_i64(starts), lens, as_i64(preds), bounds,
                 as_i64(ex.pairs).reshape(-1, 2), [(c, list(ex.images)) for c in copies] if ex.images else [],
-                mrope, ex.image_tokens)
+                mrope, ex.image_tokens,
+                np.asarray(ex.labels if ex.labels is not None else [1.0] * len(ex.pairs), dtype=np.float64))
 
 
 class Units:

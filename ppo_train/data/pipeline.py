@@ -18,6 +18,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ppo_train.data.examples import Examples
+from ppo_train.data.kto import kto_examples
 from ppo_train.data.layout import Units
 from ppo_train.data.packing import resolve_budget
 from ppo_train.data.sources import DataError, LoadReport
@@ -117,6 +118,13 @@ def prepare(cfg: DictConfig, tokenizer, vision: VisionText | None = None, device
         held = np.zeros(len(examples), dtype=bool)
         held[order[:n_eval]] = True
         examples, eval_examples = examples.select(np.flatnonzero(~held)), examples.select(np.flatnonzero(held))
+    if cfg.loss.name == "kto":  # labelled completions, each with its KL completion (data/kto.py)
+        examples, eval_examples = kto_examples(examples, d.path), kto_examples(eval_examples, d.eval_path or d.path)
+    else:
+        for split, source in ((examples, d.path), (eval_examples, d.eval_path or d.path)):
+            if len(split) and int(split.num_pairs.min()) == 0:
+                raise DataError(f"{source}: unpaired rows (prompt/completion/label) have no preference pair; they "
+                                "train only with loss=kto")
     units, eval_units = Units(examples, cfg.layout.name), Units(eval_examples, cfg.layout.name)
     chosen = resolve_budget(cfg.packing, np.concatenate([units.lengths, eval_units.lengths]).tolist(), device_type,
                             cfg.trainer)

@@ -16,7 +16,9 @@ pairs among them. Accepted formats (TRL's names):
   of `{"response": ..., "overall_score": ...}` (the score used);
 - ranked: `prompt`, `responses`, `ranks` (0 = best);
 - pandalm: `instruction`, `input`, `response1`, `response2`, `annotator1..3` (1 or 2 = that
-  response is better, 0 = tie); the majority of the annotators decides, a draw is a tie.
+  response is better, 0 = tie); the majority of the annotators decides, a draw is a tie;
+- unpaired (TRL's KTO format): `prompt`, `completion`, `label` (true = desirable): one response,
+  no pair, the label kept as its score; only `loss=kto` trains on it (data/kto.py).
 
 Images (vision-language models, TRL's vision format): an `images` column beside any of the
 conversational formats above, one entry per `{"type": "image"}` part of the prompt's messages,
@@ -135,6 +137,8 @@ def detect_format(columns: list[str], source: str) -> str:
             return "scored"
         if "ranks" in cols:
             return "ranked"
+    if {"prompt", "completion", "label"} <= cols:
+        return "unpaired"
     if {"prompt", "chosen", "rejected"} <= cols:
         return "preference"
     if {"chosen", "rejected"} <= cols:
@@ -142,7 +146,8 @@ def detect_format(columns: list[str], source: str) -> str:
     raise DataError(
         f"{source}: cannot tell the format from the columns {sorted(cols)}; expected prompt/chosen/rejected, "
         "chosen/rejected (implicit prompt), conversations/chosen/rejected (sharegpt), prompt/responses/scores "
-        "(scored), prompt/responses/ranks (ranked) or instruction/response1/response2/annotator1 (pandalm)"
+        "(scored), prompt/responses/ranks (ranked), instruction/response1/response2/annotator1 (pandalm) or "
+        "prompt/completion/label (unpaired, loss=kto)"
     )
 
 
@@ -262,7 +267,7 @@ def split_implicit(chosen: Text, rejected: Text, marker: str, where: str) -> tup
 REQUIRED = {"preference": ("prompt", "chosen", "rejected"), "implicit": ("chosen", "rejected"),
             "sharegpt": ("conversations", "chosen", "rejected"), "scored": ("prompt", "scores"),
             "ranked": ("prompt", "ranks"), "pandalm": ("instruction", "response1", "response2", "annotator1"),
-            "ultrafeedback": ("instruction", "completions")}
+            "ultrafeedback": ("instruction", "completions"), "unpaired": ("prompt", "completion", "label")}
 
 
 def pairs_from_scores(scores: list[float]) -> tuple[list[tuple[int, int]], int]:
@@ -343,6 +348,8 @@ def normalize_row(row: dict, index: int, fmt: str, cfg: DictConfig, source: str,
             prompt = [{"role": "user", "content": prompt}]
         return PreferenceExample(index=index, prompt=prompt, responses=responses, pairs=pairs, scores=scores,
                                  images=_images(row, prompt, responses, where, base_dir))
+    if fmt == "unpaired":
+        return _unpaired_row(row, index, where, base_dir)
     if fmt == "implicit":
         prompt, chosen, rejected = split_implicit(
             _text(row["chosen"], f"{where}.chosen"), _text(row["rejected"], f"{where}.rejected"),
@@ -367,6 +374,24 @@ def normalize_row(row: dict, index: int, fmt: str, cfg: DictConfig, source: str,
         raise DataError(f"{where}: chosen is identical to rejected")
     return PreferenceExample(index=index, prompt=prompt, responses=[chosen, rejected], pairs=[(0, 1)],
                              images=_images(row, prompt, [chosen, rejected], where, base_dir))
+
+
+def _unpaired_row(row: dict, index: int, where: str, base_dir) -> PreferenceExample:
+    """TRL's unpaired (KTO) row: one completion, no pair, its label as its score (1 or 0)."""
+    label = row["label"]
+    if not (isinstance(label, bool) or (_is_number(label) and label in (0, 1))):
+        raise DataError(f"{where}.label: expected true or false (desirable or not), got {label!r:.80}")
+    prompt = _text(row["prompt"], f"{where}.prompt")
+    completion = _text(row["completion"], f"{where}.completion")
+    if isinstance(prompt, str) and isinstance(completion, list):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) != isinstance(completion, list):
+        raise DataError(f"{where}: prompt and completion mix strings and message lists")
+    if isinstance(completion, list) and completion[-1]["role"] != "assistant":
+        raise DataError(f"{where}.completion: no final assistant turn (the last message is "
+                        f"{completion[-1]['role']!r})")
+    return PreferenceExample(index=index, prompt=prompt, responses=[completion], pairs=[],
+                             scores=[1.0 if label else 0.0], images=_images(row, prompt, [completion], where, base_dir))
 
 
 def field_label(fmt: str) -> str:

@@ -45,6 +45,7 @@ class TokenizedExample:
     mrope: np.ndarray | None = None  # (3, P) M-RoPE positions of the prompt (M-RoPE models only)
     rope_delta: int = 0  # text after the prompt at 1-D position p sits at p + rope_delta (M-RoPE)
     image_tokens: int = 0  # of the prompt's tokens, those that carry image features
+    labels: list[float] | None = None  # per pair, 1 desirable / 0 undesirable (loss=kto's view); None: 1 each
 
     @property
     def shared_length(self) -> int:

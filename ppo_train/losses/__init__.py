@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ppo_train.losses.dpo import DpoConfig, dpo_loss, dpo_step_stats, per_list, sorts_step
+from ppo_train.losses.kto import KtoConfig, kto_loss, kto_step_stats
 from ppo_train.losses.orpo import OrpoConfig, orpo_loss
 from ppo_train.losses.reward import RewardConfig, reward_loss
 from ppo_train.losses.sft import SftConfig, sft_loss
@@ -31,6 +32,10 @@ class Loss:
     step_stats: Callable = lambda policy, reference, pairs, cfg: None
     wants_step_stats: Callable = lambda cfg: False
     stats_width: int = 4  # m, the same on every rank (a rank may hold no pair of the step)
+    takes_labels: bool = False  # reads each pair's label (fn and step_stats get labels=batch.pair_label)
+
+    def label_kwargs(self, batch) -> dict:
+        return {"labels": batch.pair_label} if self.takes_labels else {}
 
     def normalizer(self, cfg, totals) -> int:
         """What the step's summed loss terms are divided by: its lists or its pairs."""
@@ -44,10 +49,12 @@ class Loss:
 LOSSES: dict[str, Loss] = {
     "dpo": Loss(dpo_loss, DpoConfig, needs_reference=True, per_list=per_list, step_stats=dpo_step_stats,
                 wants_step_stats=sorts_step),
+    "kto": Loss(kto_loss, KtoConfig, needs_reference=True, step_stats=kto_step_stats,
+                wants_step_stats=lambda cfg: True, stats_width=3, takes_labels=True),
     "simpo": Loss(simpo_loss, SimpoConfig),
     "orpo": Loss(orpo_loss, OrpoConfig),
     "reward": Loss(reward_loss, RewardConfig, reward_head=True),
     "sft": Loss(sft_loss, SftConfig),
 }
 
-__all__ = ["LOSSES", "Loss", "dpo_loss", "simpo_loss", "orpo_loss", "reward_loss", "sft_loss"]
+__all__ = ["LOSSES", "Loss", "dpo_loss", "kto_loss", "simpo_loss", "orpo_loss", "reward_loss", "sft_loss"]

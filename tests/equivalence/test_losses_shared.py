@@ -17,7 +17,9 @@ from ppo_train.data.layout import build_units
 from ppo_train.data.packing import plan_epoch
 from ppo_train.logps import ResponseLogps
 from ppo_train.losses import LOSSES
+from ppo_train.data.schedule import Step
 from ppo_train.losses.common import StepTotals
+from ppo_train.train import pair_rows
 from ppo_train.masks import build_mask
 from ppo_train.scoring import PolicyModule, RewardModule
 from ppo_train.scoring import forward_scores as batch_logps
@@ -52,16 +54,32 @@ def run(loss: str, examples, setup: str, loss_cfg=LOSS_CFG):
     totals = StepTotals(sum(len(u.pairs) for u in units), len(units),
                         sum(int(u.resp_len[w]) for u in units for w, _ in u.pairs))
     norm = LOSSES[loss].normalizer(loss_cfg, totals)
+
+    def reference(batch, out):
+        """A fixed reference that differs per response (and per pair: LD-DPO's shared-length
+        sums), so DPO is not at its ln 2 start."""
+        if not LOSSES[loss].needs_reference:
+            return None
+        return ResponseLogps(-(batch.response_unit.double() * 7 % 5) - batch.response_k.double() * 2.0, out.counts,
+                             -(batch.pair_unit.double()[:, None] * 3 % 4) - torch.tensor([0.5, 1.5]) * batch.pair_k[:, None])
+
+    mbs = plan_epoch(units, packing, 2, seed=5, epoch=0)
+    step = Step(0, 0, [], totals.pairs, list(range(len(units))))
+    if LOSSES[loss].wants_step_stats(loss_cfg):  # aot: the whole epoch's pairs first (train.step_totals)
+        table = torch.zeros(totals.pairs, LOSSES[loss].stats_width, dtype=torch.float64)
+        with torch.no_grad():
+            for mb in mbs:
+                batch = collate(units, mb, pad_id=96)
+                out = batch_logps(module, batch, build_mask(batch.doc_ids, batch.segment_ids, "sdpa"))
+                table[pair_rows(step, units, batch)] = LOSSES[loss].step_stats(out, reference(batch, out),
+                                                                                batch.pairs, loss_cfg)
+        totals = StepTotals(totals.pairs, totals.lists, totals.chosen_tokens, table)
     scores, total = {}, 0.0
-    for mb in plan_epoch(units, packing, 2, seed=5, epoch=0):
+    for mb in mbs:
         batch = collate(units, mb, pad_id=96)
         out = batch_logps(module, batch, build_mask(batch.doc_ids, batch.segment_ids, "sdpa"))
-        # a fixed reference that differs per response (and per pair: LD-DPO's shared-length
-        # sums), so DPO is not at its ln 2 start
-        ref = ResponseLogps(-(batch.response_unit.double() * 7 % 5) - batch.response_k.double() * 2.0, out.counts,
-                            -(batch.pair_unit.double()[:, None] * 3 % 4) - torch.tensor([0.5, 1.5]) * batch.pair_k[:, None]) \
-            if LOSSES[loss].needs_reference else None
-        terms, _ = LOSSES[loss].fn(out, ref, batch.pairs, loss_cfg, totals=totals)
+        terms, _ = LOSSES[loss].fn(out, reference(batch, out), batch.pairs, loss_cfg,
+                                   totals=totals.for_batch(pair_rows(step, units, batch)))
         (terms.sum() / norm).backward()
         total += float(terms.sum().detach()) / norm
         for u, k, s in zip(batch.response_unit.tolist(), batch.response_k.tolist(), out.sums.tolist()):
@@ -83,6 +101,8 @@ DPO_VARIANTS = {
     "ld_alpha+sigmoid_norm": {"variant": "sigmoid_norm", "ld_alpha": 0.6, "beta": 2.0},
     "wpo": {"variant": ["sigmoid", "hinge"], "wpo": True},
     "plackett_luce": {"variant": "plackett_luce", "beta": 0.5},
+    "aot": {"variant": "aot", "label_smoothing": 0.1},  # sorted over the whole step
+    "aot_unpaired+sigmoid": {"variant": ["aot_unpaired", "sigmoid"]},
 }
 
 

@@ -30,8 +30,12 @@ LOSS_DATA = {"dpo": [], "simpo": ["loss=simpo"], "orpo": ["loss=orpo"], "sft": [
              # LD-DPO: per-pair shared-length sums, the reference's from the cached table
              "dpo_rpo": ["loss.variant=[sigmoid,sft]", "loss.weights=[1.0,0.5]"],
              "dpo_ld_alpha": ["loss.ld_alpha=0.3"],
-             # sorted over the whole step: a no-grad pass gathers every pair's values first
-             "dpo_aot": ["loss.variant=aot"], "dpo_aot_unpaired": ["loss.variant=aot_unpaired"]}
+             # sorted over the whole step: a no-grad pass gathers every pair's values first (at step 1
+             # the policy is the reference, so this checks the pass and the normalization; the
+             # sorting itself is checked in tests/unit/test_dpo_variants.py and on 2 ranks)
+             "dpo_aot_unpaired": ["loss.variant=aot_unpaired"],
+             # KTO: the KL estimate over the whole step; each labelled completion one term
+             "kto": ["loss=kto", "loss.beta=1.0", "packing.row_tokens=512"]}  # 4 responses per unit: longer rows
 
 
 def ffd_rows(overrides) -> int:

@@ -61,6 +61,7 @@ LOSS_VARIANTS: dict[str, list[str]] = {
     "simpo": ["loss.label_smoothing=0.1"],
     "orpo": ["loss.orpo_lambda=0.5"],
     "reward": ["loss.center_coef=0.01"],
+    "kto": ["loss.undesirable_weight=1.33"],
     "sft": [],  # no parameters
 }
 PRECISIONS = ("fp32", "bf16")

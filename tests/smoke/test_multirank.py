@@ -34,6 +34,9 @@ SETUPS = {
     "aot_unpaired": ["trainer.precision=fp32", "logging.progress=false", "dataset.num_rows=48", "trainer.max_steps=3",
                      "packing=ffd", "packing.row_tokens=768", "packing.rows_per_batch=1", "trainer.zero_stage=3",
                      "loss.variant=aot_unpaired", "loss.label_smoothing=0.05"],
+    # KTO's KL estimate: the mean over the whole step's KL completions, gathered over both ranks
+    "kto": ["trainer.precision=fp32", "logging.progress=false", "dataset.num_rows=48", "trainer.max_steps=3",
+            "packing=ffd", "packing.row_tokens=768", "packing.rows_per_batch=1", "trainer.zero_stage=3", "loss=kto"],
 }
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # torchrun's default for each rank, set for every run
 
@@ -59,7 +62,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(setup, tmp_path):
     assert len(a) == len(b) >= 2
     for x, y in zip(a, b):
         assert x["pairs"] == y["pairs"] > 0
-        for key in ("loss", "rewards/margins", "logps/chosen"):
+        for key in ("loss", "rewards/margins", "logps/chosen", *(("kl",) if "kl" in x else ())):
             assert abs(x[key] - y[key]) <= 1e-6 * max(1.0, abs(x[key])), f"step {x['step']} {key}: {x[key]} vs {y[key]}"
 
 
@@ -108,5 +111,5 @@ def test_vision_language_model_on_two_ranks_equals_one_rank(model, stage, tmp_pa
     assert any(row.get("images", 0) == 1 for row in b), "no step had an image on one rank only"
     for x, y in zip(a, b):
         assert x.get("images", 0) == y.get("images", 0)
-        for key in ("loss", "rewards/margins", "logps/chosen"):
+        for key in ("loss", "rewards/margins", "logps/chosen", *(("kl",) if "kl" in x else ())):
             assert abs(x[key] - y[key]) <= 1e-6 * max(1.0, abs(x[key])), f"step {x['step']} {key}: {x[key]} vs {y[key]}"

@@ -38,7 +38,7 @@ def test_every_problem_is_listed_at_once_with_suggestions():
 
 @pytest.mark.parametrize("key, bad, choices", [
     ("model.attention", "flexx", "[auto, flex, sdpa]"),
-    ("dataset.format", "jsonl", "[auto, preference, implicit, sharegpt, scored, ranked, pandalm, ultrafeedback]"),
+    ("dataset.format", "jsonl", "[auto, preference, implicit, sharegpt, scored, ranked, pandalm, ultrafeedback, unpaired]"),
     ("dataset.length_policy", "cut", "[truncate, drop]"),
     ("dataset.on_invalid", "ignore", "[error, skip]"),
     ("layout.name", "packed", "[shared, paired, unmasked]"),

@@ -92,7 +92,7 @@ def test_help_lists_groups_and_options(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ppo_train", "--help"], cwd=tmp_path, env=child_env(),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
-    for line in ("packing: ffd, none, sorted", "layout: paired, shared, unmasked", "loss: dpo, orpo, reward, sft, simpo"):
+    for line in ("packing: ffd, none, sorted", "layout: paired, shared, unmasked", "loss: dpo, kto, orpo, reward, sft, simpo"):
         assert line in out.stdout, out.stdout[:2000]
 
 
