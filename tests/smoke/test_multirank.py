@@ -34,6 +34,10 @@ SETUPS = {
     "aot_unpaired": ["trainer.precision=fp32", "logging.progress=false", "dataset.num_rows=48", "trainer.max_steps=3",
                      "packing=ffd", "packing.row_tokens=768", "packing.rows_per_batch=1", "trainer.zero_stage=3",
                      "loss.variant=aot_unpaired", "loss.label_smoothing=0.05"],
+    # LD-DPO: the cached reference table's per-pair shared-length sums, computed on two ranks and summed
+    "ld_alpha": ["trainer.precision=fp32", "logging.progress=false", "dataset.num_rows=48", "trainer.max_steps=2",
+                 "packing=ffd", "packing.row_tokens=768", "packing.rows_per_batch=1", "trainer.zero_stage=3",
+                 "loss.ld_alpha=0.3"],
     # KTO's KL estimate: the mean over the whole step's KL completions, gathered over both ranks
     "kto": ["trainer.precision=fp32", "logging.progress=false", "dataset.num_rows=48", "trainer.max_steps=3",
             "packing=ffd", "packing.row_tokens=768", "packing.rows_per_batch=1", "trainer.zero_stage=3", "loss=kto"],
