@@ -210,3 +210,24 @@ def test_rpo_mix_on_the_default_recipe_trains(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     nll = rows[0]["loss"] - 0.6931471805599453
     assert 0.5 * 9.0 < nll < 0.5 * 12.0, rows[0]  # ln(49152) = 10.8 for a random-weight model
+
+
+@pytest.mark.slow  # real K = 8 lists from ../shared (CC BY-NC: not bundled); about 30 s
+def test_plackett_luce_on_real_ranked_lists_of_eight(tmp_path, shared_data):
+    """Listwise DPO on AlpacaEval prompts with 8 scored responses each: the shared layout packed
+    by ffd (one row per prompt: the prompt once, 8 responses) trains the same per-list losses as
+    the paired layout (8 sequences per prompt), at step 1 (at the reference: ln of the list's
+    orderings) and after an update; the shared rows process fewer real tokens."""
+    common = ["trainer.precision=fp32", f"dataset.path={shared_data / 'alpaca_eval' / 'ranked_k8_dev.jsonl'}",
+              "dataset.format=scored", "dataset.num_rows=8", "dataset.max_response_length=48",
+              "loss.variant=plackett_luce", "loss.beta=0.5", "trainer.epochs=2", "trainer.micro_batch_size=8",
+              "trainer.lr=1e-3", "trainer.warmup_ratio=0", "packing.row_tokens=1024", "packing.rows_per_batch=8"]
+    paired = run_pptrain(tmp_path / "paired", "layout=paired", "packing=none", *common)
+    shared = run_pptrain(tmp_path / "shared", "layout=shared", "packing=ffd", *common)
+    assert len(paired) == len(shared) == 2 and paired[0]["pairs"] == shared[0]["pairs"] > 8 * 20
+    for p, s in zip(paired, shared):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert abs(p[key] - s[key]) <= 1e-4 * max(1.0, abs(p[key])), f"step {p['step']} {key}: {p[key]} vs {s[key]}"
+    # the prompt once instead of 8 times (AlpacaEval prompts are short: about 1.3x fewer real tokens)
+    assert shared[0]["real_tokens"] < paired[0]["real_tokens"], (shared[0]["real_tokens"], paired[0]["real_tokens"])
+    assert abs(paired[1]["loss"] - paired[0]["loss"]) > 1e-3, "the update did not move the loss"
