@@ -30,8 +30,8 @@ f-divergences (Wang et al. 2023, "Beyond Reverse KL"; `loss.f_divergence`, as TR
 s = log 2 + log sigmoid(t); alpha_divergence s = (exp((alpha - 1) t) - 1) / (alpha - 1) with
 alpha = `loss.f_alpha` ((alpha - 1) t clamped at 80, as TRL; alpha = 1 is reverse_kl), t the
 log-ratio. As in TRL, an f-divergence applies to the terms that use the score difference
-(sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop); with any other term it is
-refused at config time.
+(sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop; sft reads no score); with any
+other term it is refused at config time.
 
 `loss.variant` may be a list (`[sigmoid, sft]` is RPO): the per-pair loss is the sum of the
 terms times `loss.weights` (1 each when unset), as TRL's list of loss types with `loss_weights`.
@@ -97,7 +97,7 @@ from ppo_train.choices import Choice
 from ppo_train.logps import ResponseLogps
 from ppo_train.losses.common import StepTotals, beta_and_smoothing_problems, pair_metrics
 
-# TRL 1.16's DPOConfig.loss_type names; the ones pptrain does not compute yet, and why
+# TRL 1.16's DPOConfig.loss_type names (all computed)
 TRL_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 LISTWISE = ("plackett_luce",)  # one loss per list of responses, not per pair
