@@ -15,6 +15,9 @@ from ppo_train import fileio
 from ppo_train.dist import reduce
 
 
+COUNT = "#n"  # suffix of a metric's count of the pairs it applies to (not written)
+
+
 class StepMetrics:
     """Sums of per-pair metrics and token counts of one optimizer step (this rank)."""
 
@@ -25,13 +28,17 @@ class StepMetrics:
 
     def add_pairs(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], terms: int | None = None) -> None:
         """`loss`: the batch's loss terms; `terms`: how many units they are a loss of (lists for a
-        listwise loss; default: one per term, i.e. per pair); `metrics`: per-pair tensors."""
+        listwise loss; default: one per term, i.e. per pair); `metrics`: per-pair tensors, NaN
+        where a metric does not apply to a pair (KTO's rewards/chosen at an undesirable
+        completion): each metric is the mean over the pairs it applies to."""
         pairs = int(next(iter(metrics.values())).numel()) if metrics else int(loss.numel())
         self.sums["scored_pairs"] += pairs
         self.sums["loss_terms"] += int(loss.numel()) if terms is None else int(terms)
         self.sums["loss"] += float(loss.detach().sum())
         for key, value in metrics.items():
-            self.sums[key] += float(value.detach().sum())
+            value = value.detach()
+            self.sums[key] += float(value.nansum())
+            self.sums[key + COUNT] += int((~torch.isnan(value)).sum())
 
     def add_batch(self, batch, trained: bool = True) -> None:
         """Token counts of a processed micro-batch; its pairs, responses and samples only if it
@@ -55,10 +62,14 @@ class StepMetrics:
         seconds = time.perf_counter() - self.start
         # per-pair means over the pairs that entered the loss (skipped micro-batches excluded);
         # None when a step had none
-        scored = totals.get("scored_pairs", 0.0)
         row = {"loss": None}
-        row.update({k: (v / scored if scored else None) for k, v in totals.items()
-                    if k in ("nll", "log_odds_ratio", "kl") or "/" in k})
+        for k, v in totals.items():
+            if (k in ("nll", "log_odds_ratio", "kl") or "/" in k) and not k.endswith(COUNT):
+                n = totals.get(k + COUNT, 0.0)
+                row[k] = v / n if n else None
+        if "rewards/margins" not in row and "rewards/chosen" in row and "rewards/rejected" in row:
+            chosen, rejected = row["rewards/chosen"], row["rewards/rejected"]  # unpaired (KTO): the means' difference
+            row["rewards/margins"] = None if chosen is None or rejected is None else chosen - rejected
         terms = totals.get("loss_terms", 0.0)  # pairs, or lists for a listwise loss
         row["loss"] = totals["loss"] / terms if terms and "loss" in totals else None
         for k in ("pairs", "responses", "samples", "tokens", "real_tokens"):

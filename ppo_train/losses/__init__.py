@@ -50,7 +50,7 @@ LOSSES: dict[str, Loss] = {
     "dpo": Loss(dpo_loss, DpoConfig, needs_reference=True, per_list=per_list, step_stats=dpo_step_stats,
                 wants_step_stats=sorts_step),
     "kto": Loss(kto_loss, KtoConfig, needs_reference=True, step_stats=kto_step_stats,
-                wants_step_stats=lambda cfg: True, stats_width=3, takes_labels=True),
+                wants_step_stats=lambda cfg: True, stats_width=1, takes_labels=True),
     "simpo": Loss(simpo_loss, SimpoConfig),
     "orpo": Loss(orpo_loss, OrpoConfig),
     "reward": Loss(reward_loss, RewardConfig, reward_head=True),

@@ -20,11 +20,10 @@ gathers it before the step's first backward when the step has more than one micr
 train.step_totals). TRL averages over its batch (the mean of the ranks' means): the same with
 one micro-batch per step.
 
-Metrics: `kl` (z0), `rewards/chosen` and `rewards/rejected` as TRL logs them (beta r averaged
-over the desirable, resp. undesirable completions; carried per completion as beta r times the
-step's completions over that label's completions, so the per-completion mean the trainer logs
-is the mean within the label), `rewards/margins` their difference, `logps/chosen` and
-`logps/rejected` likewise.
+Metrics: `kl` (z0), and as TRL logs them `rewards/chosen` and `rewards/rejected` (beta r averaged
+over the desirable, resp. undesirable completions: per completion, NaN where the label differs,
+which the trainer leaves out of the mean; null in a step without such completions),
+`rewards/margins` their difference, `logps/chosen` and `logps/rejected` likewise.
 """
 
 from __future__ import annotations
@@ -55,12 +54,11 @@ class KtoConfig:
 
 def kto_step_stats(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tensor, cfg,
                    labels: torch.Tensor | None = None) -> torch.Tensor:
-    """(P, 3) detached, per labelled completion: its KL completion's log-ratio, 1 if desirable,
-    1 if undesirable (the step's KL estimate and label counts)."""
+    """(P, 1) detached, per labelled completion: its KL completion's log-ratio (the step's KL
+    estimate is their mean)."""
+    del cfg, labels  # the estimate reads neither
     kl = pairs[:, 1]
-    desirable = _desirable(labels, pairs)
-    return torch.stack([(policy.sums[kl] - reference.sums[kl]).detach().double(), desirable.double(),
-                        (1 - desirable).double()], dim=1)
+    return (policy.sums[kl] - reference.sums[kl]).detach().double()[:, None]
 
 
 def _desirable(labels: torch.Tensor | None, pairs: torch.Tensor) -> torch.Tensor:
@@ -80,21 +78,18 @@ def kto_loss(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tenso
     else:
         stats = kto_step_stats(policy, reference, pairs, cfg, labels)
     z0 = stats[:, 0].mean().clamp(min=0) if len(stats) else policy.sums.new_zeros(())
-    n, n_good, n_bad = len(stats), float(stats[:, 1].sum()), float(stats[:, 2].sum())
     good = _desirable(labels, pairs).to(policy.sums.device)
     r = policy.sums[own] - reference.sums[own]
     beta = float(cfg.beta)
     loss = (good * float(cfg.desirable_weight) * (1 - torch.sigmoid(beta * (r - z0)))
             + (1 - good) * float(cfg.undesirable_weight) * (1 - torch.sigmoid(beta * (z0 - r))))
     rewards, logps = beta * r.detach(), policy.sums[own].detach()
-    scale_good = good * (n / n_good if n_good else 0.0)  # per-completion shares of the within-label means
-    scale_bad = (1 - good) * (n / n_bad if n_bad else 0.0)
+    nan = torch.full_like(rewards, float("nan"))  # not applicable: the trainer averages over the others
     metrics = {
         "kl": z0.detach().expand(len(own)).clone(),
-        "rewards/chosen": rewards * scale_good,
-        "rewards/rejected": rewards * scale_bad,
-        "rewards/margins": rewards * (scale_good - scale_bad),
-        "logps/chosen": logps * scale_good,
-        "logps/rejected": logps * scale_bad,
+        "rewards/chosen": torch.where(good > 0, rewards, nan),
+        "rewards/rejected": torch.where(good > 0, nan, rewards),
+        "logps/chosen": torch.where(good > 0, logps, nan),
+        "logps/rejected": torch.where(good > 0, nan, logps),
     }
     return loss, metrics

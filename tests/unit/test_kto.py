@@ -62,8 +62,20 @@ def test_kto_equals_the_hand_formula_and_splits_like_one_batch(shift):
     assert abs(float(metrics["kl"][0]) - z0) < 1e-12 and (z0 == 0.0) == (shift > 0)
     good = labels.bool()
     r = (pol_base - ref)[:n]
-    assert abs(float(metrics["rewards/chosen"].mean()) - beta * float(r[good].mean())) < 1e-12
-    assert abs(float(metrics["rewards/rejected"].mean()) - beta * float(r[~good].mean())) < 1e-12
+    # per completion, NaN where the label differs: the trainer's means are within each label
+    assert abs(float(metrics["rewards/chosen"].nanmean()) - beta * float(r[good].mean())) < 1e-12
+    assert abs(float(metrics["rewards/rejected"].nanmean()) - beta * float(r[~good].mean())) < 1e-12
+    from ppo_train.dist import SINGLE
+    from ppo_train.metrics import StepMetrics
+
+    tracker = StepMetrics()
+    tracker.add_pairs(got, metrics)
+    row = tracker.reduce(SINGLE)
+    assert abs(row["rewards/margins"] - beta * float(r[good].mean() - r[~good].mean())) < 1e-12
+    tracker = StepMetrics()  # a step with desirable completions only: no rejected means
+    tracker.add_pairs(got[good], {k: v[good] for k, v in metrics.items()})
+    row = tracker.reduce(SINGLE)
+    assert row["rewards/rejected"] is None and row["rewards/margins"] is None and row["rewards/chosen"] is not None
     (g_whole,) = torch.autograd.grad(got.mean(), pol.sums)
     assert float(g_whole[n:].abs().max()) == 0.0  # the KL estimate is detached
 
@@ -130,7 +142,7 @@ def _kto_run(examples, layout, packing_name):
     from ppo_train.data.schedule import Step
 
     step = Step(0, 0, [], total_pairs, list(range(len(units))))
-    table = torch.zeros(total_pairs, 3, dtype=torch.float64)
+    table = torch.zeros(total_pairs, 1, dtype=torch.float64)
     for batch, out in batches:
         table[pair_rows(step, units, batch)] = kto_step_stats(out, reference(batch, out), batch.pairs, cfg(0.5),
                                                               batch.pair_label)
