@@ -31,8 +31,6 @@ class StepMetrics:
         listwise loss; default: one per term, i.e. per pair); `metrics`: per-pair tensors, NaN
         where a metric does not apply to a pair (KTO's rewards/chosen at an undesirable
         completion): each metric is the mean over the pairs it applies to."""
-        pairs = int(next(iter(metrics.values())).numel()) if metrics else int(loss.numel())
-        self.sums["scored_pairs"] += pairs
         self.sums["loss_terms"] += int(loss.numel()) if terms is None else int(terms)
         self.sums["loss"] += float(loss.detach().sum())
         for key, value in metrics.items():
@@ -60,8 +58,8 @@ class StepMetrics:
         summed = reduce(torch.tensor([self.sums[k] for k in keys], dtype=torch.float64), dist)
         totals = dict(zip(keys, summed.tolist()))
         seconds = time.perf_counter() - self.start
-        # per-pair means over the pairs that entered the loss (skipped micro-batches excluded);
-        # None when a step had none
+        # each metric's mean over the pairs that entered the loss and that it applies to (skipped
+        # micro-batches excluded); None when a step had none
         row = {"loss": None}
         for k, v in totals.items():
             if (k in ("nll", "log_odds_ratio", "kl") or "/" in k) and not k.endswith(COUNT):

@@ -30,6 +30,7 @@ from ppo_train.data.schedule import Schedule
 from ppo_train.dist import DistInfo, all_ranks, reduce
 from ppo_train.errors import WRITE_ERRORS
 from ppo_train.logps import ResponseLogps
+from ppo_train.losses.dpo import wants_shared_sums
 from ppo_train.scoring import Scored, Scorer, forward_scores
 
 
@@ -159,8 +160,6 @@ def reference_module(cfg, tokenizer, dist: DistInfo, longest_sequence: int = 0):
                            resolve_backend(cfg.model.attention, dist.device), cfg.trainer.seed,
                            cfg.reference.name_or_path, cfg.reference.gguf_file, longest_sequence=longest_sequence,
                            zero3=zero3_config(cfg.trainer, dist.world_size))
-    from ppo_train.losses.dpo import wants_shared_sums
-
     return PolicyModule(model, cfg.model.logits_chunk, dist, autocast=numerics.autocast,
                         shared_sums=wants_shared_sums(cfg.loss))
 
@@ -172,8 +171,6 @@ def _table(cfg, reference_model, scorer: Scorer, dist: DistInfo, run_dir: Path, 
     identity = {"reference": OmegaConf.to_container(cfg.reference, resolve=True),
                 "model": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.trainer.seed,
                 "precision": cfg.trainer.precision, "layout": cfg.layout.name, "split": split, "weights": weights}
-    from ppo_train.losses.dpo import wants_shared_sums
-
     if wants_shared_sums(cfg.loss):  # the table also holds per-pair shared-length sums
         identity["shared_sums"] = True
     fp = fingerprint(scorer.units, identity)

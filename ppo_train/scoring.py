@@ -83,7 +83,8 @@ class PolicyModule(torch.nn.Module):
         lps, squares = lps if self.wpo else (lps, None)
         out = sum_per_response(lps, target_response, num_responses)
         shared = shared_sums(lps, target_response, out.counts, pairs) if self.shared_sums else None
-        wpo = sum_per_response(lps.detach() - squares, target_response, num_responses).sums if self.wpo else None
+        wpo = out.sums.new_zeros(num_responses).index_add(0, target_response, (lps.detach() - squares).double()) \
+            if self.wpo else None
         if pred_index.numel() == 0:  # lps holds the 0-valued head term
             return out.sums + lps.sum().double(), out.counts, shared, wpo
         return out.sums, out.counts, shared, wpo

@@ -83,11 +83,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> list[dict]:
     for step in schedule.steps(done):
         tracker, totals = StepMetrics(utilization), step_totals(loss, cfg, engine, scorer, reference, step, dist)
         for mb in step.micro_batches:
-            scored = scorer(engine, mb)
-            ref = reference.scores(scored) if reference is not None else None
-            terms, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss,
-                                     totals=totals.for_batch(pair_rows(step, data.units, scored.batch)),
-                                     **loss.label_kwargs(scored.batch))
+            scored, terms, metrics = score_loss(loss, cfg, engine, scorer, reference, step, totals, mb)
             trained = all_ranks(bool(torch.isfinite(terms.detach()).all()), dist)
             if trained:
                 engine.backward(terms.sum() / loss.normalizer(cfg.loss, totals))
@@ -150,6 +146,18 @@ def step_totals(loss, cfg: DictConfig, engine, scorer: Scorer, reference, step: 
             stats = loss.step_stats(scored.scores, ref, scored.batch.pairs, cfg.loss, **loss.label_kwargs(scored.batch))
             table[pair_rows(step, scorer.units, scored.batch)] = stats.double().cpu()
     return StepTotals(totals.pairs, totals.lists, totals.chosen_tokens, reduce(table, dist), None)
+
+
+def score_loss(loss, cfg: DictConfig, engine, scorer: Scorer, reference, step: Step, totals: StepTotals, mb):
+    """One micro-batch scored (policy and reference) and its loss terms and metrics; the step's
+    pair table, when there is one, is indexed by this batch's pairs."""
+    scored = scorer(engine, mb)
+    ref = reference.scores(scored) if reference is not None else None
+    if totals.pair_stats is not None:
+        totals = totals.for_batch(pair_rows(step, scorer.units, scored.batch))
+    terms, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss, totals=totals,
+                             **loss.label_kwargs(scored.batch))
+    return scored, terms, metrics
 
 
 def pair_rows(step: Step, units, batch) -> torch.Tensor:
@@ -220,11 +228,7 @@ def evaluate(engine: Engine, scorer: Scorer, reference, cfg: DictConfig, dist: D
     for step in schedule.steps():
         totals = step_totals(loss, cfg, engine, scorer, reference, step, dist)
         for mb in step.micro_batches:
-            scored = scorer(engine, mb)
-            ref = reference.scores(scored) if reference is not None else None
-            terms, metrics = loss.fn(scored.scores, ref, scored.batch.pairs, cfg.loss,
-                                     totals=totals.for_batch(pair_rows(step, scorer.units, scored.batch)),
-                                     **loss.label_kwargs(scored.batch))
+            scored, terms, metrics = score_loss(loss, cfg, engine, scorer, reference, step, totals, mb)
             tracker.add_pairs(terms, metrics, loss.batch_terms(cfg.loss, scored.batch))
             tracker.add_batch(scored.batch)
     engine.train(True)

@@ -26,7 +26,7 @@ class StepTotals:
 
     def for_batch(self, index: torch.Tensor) -> "StepTotals":
         """These totals for one micro-batch whose pairs are rows `index` of pair_stats."""
-        return self if self.pair_stats is None else replace(self, pair_index=index)
+        return replace(self, pair_index=index)
 
     @classmethod
     def of_step(cls, step) -> "StepTotals":
@@ -34,10 +34,11 @@ class StepTotals:
         return cls(step.pairs, len(step.units), step.chosen_tokens)
 
     @classmethod
-    def of_batch(cls, policy: ResponseLogps, pairs: torch.Tensor, lists: int | None = None) -> "StepTotals":
-        """The counts of one micro-batch taken as the whole step (no schedule: scripts, tests)."""
+    def of_batch(cls, policy: ResponseLogps, pairs: torch.Tensor) -> "StepTotals":
+        """The pair and preferred-token counts of one micro-batch taken as the whole step (no
+        schedule: scripts, tests; its lists are not known here and counted as its pairs)."""
         tokens = int(policy.counts[pairs[:, 0]].sum()) if pairs.numel() else 0
-        return cls(int(pairs.shape[0]), int(lists if lists is not None else pairs.shape[0]), tokens)
+        return cls(int(pairs.shape[0]), int(pairs.shape[0]), tokens)
 
 
 def beta_and_smoothing_problems(beta: float, label_smoothing: float) -> list[str]:

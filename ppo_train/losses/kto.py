@@ -61,7 +61,7 @@ def kto_step_stats(policy: ResponseLogps, reference: ResponseLogps, pairs: torch
     return (policy.sums[kl] - reference.sums[kl]).detach().double()[:, None]
 
 
-def _desirable(labels: torch.Tensor | None, pairs: torch.Tensor) -> torch.Tensor:
+def _desirable(labels: torch.Tensor | None) -> torch.Tensor:
     if labels is None:
         raise ValueError("loss=kto needs each completion's label (the batch's pair_label)")
     return (labels > 0.5).to(torch.float64)
@@ -78,7 +78,7 @@ def kto_loss(policy: ResponseLogps, reference: ResponseLogps, pairs: torch.Tenso
     else:
         stats = kto_step_stats(policy, reference, pairs, cfg, labels)
     z0 = stats[:, 0].mean().clamp(min=0) if len(stats) else policy.sums.new_zeros(())
-    good = _desirable(labels, pairs).to(policy.sums.device)
+    good = _desirable(labels).to(policy.sums.device)
     r = policy.sums[own] - reference.sums[own]
     beta = float(cfg.beta)
     loss = (good * float(cfg.desirable_weight) * (1 - torch.sigmoid(beta * (r - z0)))
