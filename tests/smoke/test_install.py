@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 # Qwen2-VL point: its processor without torchvision)
 LOCAL_RECIPES = [
     ("tiny_dpo", []), ("tiny_hh_sft", []), ("tiny_lf_orpo", []), ("tiny_pandalm_rm", []), ("tiny_uf_simpo", []),
-    ("tiny_vlm_dpo", []), ("tiny_vlm_dpo", ["model=tiny_qwen2_vl"]), ("smollm2_hh_dpo", []),
+    ("tiny_vlm_dpo", []), ("tiny_vlm_dpo", ["model=tiny_qwen2_vl"]), ("smollm2_hh_dpo", []), ("tiny_kto", []),
+    ("tiny_ranked_pl", []),
 ]
 
 
