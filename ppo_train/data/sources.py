@@ -270,6 +270,31 @@ REQUIRED = {"preference": ("prompt", "chosen", "rejected"), "implicit": ("chosen
             "ultrafeedback": ("instruction", "completions"), "unpaired": ("prompt", "completion", "label")}
 
 
+def resolve_format(fmt: str, columns: list[str], source: str) -> str:
+    """`dataset.format` against the file's columns: auto detects; an explicit format whose columns
+    the file lacks is refused in one line, naming the format the columns read as (a recipe's
+    bundled dataset sets its format, which a user's own `dataset.path` need not share)."""
+    columns = [c for c in columns if c != INVALID]
+    if fmt == "auto":
+        return detect_format(columns, source)
+    missing = [c for c in REQUIRED[fmt] if c not in columns]
+    if missing:
+        raise DataError(f"{source}: dataset.format={fmt} expects the columns {list(REQUIRED[fmt])}, but the file "
+                        f"lacks {missing}{format_hint(fmt, columns) or '; see the README for the formats'}")
+    return fmt
+
+
+def format_hint(fmt: str, columns: list[str]) -> str:
+    """'; its columns read as format X: ...' when an explicit format differs from what the
+    columns read as ('' otherwise): said when no row of a file is valid (an explicit format may
+    differ on purpose: implicit over conversations that also have a `prompt` column)."""
+    try:
+        detected = detect_format([c for c in columns if c != INVALID], "")
+    except DataError:
+        return ""
+    return "" if detected == fmt else f"; its columns read as format {detected!r}: set dataset.format={detected} or auto"
+
+
 def pairs_from_scores(scores: list[float]) -> tuple[list[tuple[int, int]], int]:
     """All ordered pairs (better, worse) with strictly different scores, and the tie count."""
     pairs, ties = [], 0
@@ -404,7 +429,7 @@ def load_examples(cfg: DictConfig, path: str | None = None) -> tuple[list[Prefer
     set_pixel_limit(cfg.max_image_pixels)
     ds = load_rows(cfg, path)
     source = str(path or cfg.path)
-    fmt = cfg.format if cfg.format != "auto" else detect_format(ds.column_names, source)
+    fmt = resolve_format(str(cfg.format), ds.column_names, source)
     report = LoadReport(source=source, rows=len(ds))
     examples = []
     for i, row in enumerate(ds):
@@ -418,6 +443,7 @@ def load_examples(cfg: DictConfig, path: str | None = None) -> tuple[list[Prefer
             report.skip_messages.append(str(err))
     if not examples:
         first = f"; the first: {report.skip_messages[0]}" if report.skip_messages else ""
-        raise DataError(f"{source}: no valid rows ({report.rows} rows, {report.skipped} invalid{first})")
+        raise DataError(f"{source}: no valid rows ({report.rows} rows, {report.skipped} invalid{first})"
+                        f"{format_hint(fmt, ds.column_names)}")
     report.kept = len(examples)
     return examples, report

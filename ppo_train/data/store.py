@@ -45,7 +45,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ppo_train.data.examples import Examples, ragged_take
 from ppo_train.data.images import image_digest
-from ppo_train.data.sources import INVALID, LoadReport, TiedRowError, detect_format, load_rows, normalize_row
+from ppo_train.data.sources import (
+    LoadReport, TiedRowError, format_hint, load_rows, normalize_row, resolve_format,
+)
 from ppo_train.data.tokenize import (
     TokenizedExample, TokenizeReport, VisionText, check_tokenizer, no_examples_left, special_tokens, tokenize_one,
 )
@@ -221,7 +223,7 @@ def _decode_images(ds):
 def _build(d: DictConfig, path: str, folder: Path, key: str, parts: dict, tokenizer, vision, num_proc: int) -> None:
 
     ds = _decode_images(load_rows(d, path))  # images are opened by _process, under its pixel limit
-    fmt = d.format if d.format != "auto" else detect_format([c for c in ds.column_names if c != INVALID], path)
+    fmt = resolve_format(str(d.format), ds.column_names, path)
     procs = 1 if vision is not None else max(1, min(num_proc, len(ds) // ROWS_PER_PROCESS))
     tmp = folder.with_name(f"{folder.name}.tmp-{os.uname().nodename}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -239,6 +241,7 @@ def _build(d: DictConfig, path: str, folder: Path, key: str, parts: dict, tokeni
         tokenized = time.perf_counter() - began
         files = sorted(f.name for f in tmp.glob("*.arrow"))
         meta = {"key": key, "parts": parts, "rows": len(out), "format": fmt, "processes": procs,
+                "format_hint": format_hint(fmt, ds.column_names),
                 "tokenize_seconds": round(tokenized, 3), "digest": content_digest(out),
                 "files": {f: (tmp / f).stat().st_size for f in files}}
         meta["seconds"] = round(time.perf_counter() - began, 3)
@@ -513,7 +516,8 @@ def load_store_examples(d: DictConfig, path: str, tokenizer, vision: VisionText 
     load, tokens = store.reports(str(path))
     if not load.kept:
         first = f"; the first: {load.skip_messages[0]}" if load.skip_messages else ""
-        raise DataError(f"{path}: no valid rows ({load.rows} rows, {load.skipped} invalid{first})")
+        raise DataError(f"{path}: no valid rows ({load.rows} rows, {load.skipped} invalid{first})"
+                        f"{store.meta.get('format_hint', '')}")
     if not tokens.examples:
         raise no_examples_left(tokens)
     return Examples(store.rows), load, tokens, store

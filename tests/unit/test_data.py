@@ -282,3 +282,32 @@ def test_json_lines_under_a_json_name_are_read_and_scanned_by_line(tmp_path, mon
         load_examples(dcfg(path, format="preference"))
     examples, report = load_examples(dcfg(path, format="preference", on_invalid="skip"))
     assert [e.index for e in examples] == [0, 2] and report.skipped == 1
+
+
+def test_a_recipes_format_on_a_users_file_names_the_format_its_columns_read_as(tmp_path):
+    """The default recipe's bundled data sets dataset.format=implicit; a user's own dataset.path
+    in another format fails in one line that names the format its columns read as: missing
+    columns before anything is tokenized, a file whose every row fails (a `prompt` column that
+    implicit ignores) when nothing is left. Both the store and the in-process path say it."""
+    from ppo_train.cli import compose
+    from ppo_train.inputs import prepare
+    from ppo_train.model import load_tokenizer
+
+    unpaired, preference = tmp_path / "u.jsonl", tmp_path / "p.jsonl"
+    unpaired.write_text("".join(json.dumps({"prompt": f"Q{i}", "completion": " A.", "label": True}) + "\n"
+                                for i in range(4)))
+    preference.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": " Yes.", "rejected": " No."}) + "\n"
+                                  for i in range(4)))
+    wants = {unpaired: "dataset.format=implicit expects the columns ['chosen', 'rejected'], but the file lacks "
+                       "['chosen', 'rejected']; its columns read as format 'unpaired': set dataset.format=unpaired",
+             preference: "no valid rows (4 rows, 4 invalid; the first:"}
+    for path, want in wants.items():
+        cfg = compose([f"dataset.path={path}", f"dataset.cache_dir={tmp_path / 'cache'}"])
+        assert cfg.dataset.format == "implicit"
+        for load in (lambda: prepare(cfg, load_tokenizer(cfg.model)), lambda: load_examples(cfg.dataset)):
+            with pytest.raises(DataError) as err:
+                load()
+            assert want in str(err.value) and "\n" not in str(err.value), str(err.value)
+            if path == preference:
+                assert str(err.value).endswith("its columns read as format 'preference': set dataset.format="
+                                               "preference or auto"), str(err.value)
